@@ -1,0 +1,219 @@
+"""The ``corex`` command line.
+
+Every user-fixable problem (bad recipe, bad data, plugin conflict) prints a message and exits
+with code 2; a traceback means a bug in corex or a plugin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from corex import __version__
+from corex.errors import CorexError
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+EXAMPLES = """\
+examples:
+  corex run recipes/quickstart.yaml                      multi-task run on the embedded phantom data
+  corex run recipes/quickstart.yaml --set stages.train.epochs=2 --out runs/short
+  corex run recipes/quickstart.yaml --out runs/short --resume   continue an interrupted run
+  corex validate recipes/siim/multitask.yaml --set data.root=/data/siim
+  corex plugins --json                                   what every plugin provides
+  corex recipes                                          the shipped recipes
+  corex data info recipes/quickstart.yaml                images and studies per split and class
+  corex export runs/moco --stage pretrain encoder.pt     an encoder for other projects
+"""
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe (see `corex recipes`)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe value by its dotted path, e.g. stages.train.epochs=3 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corex", description="Chest X-ray deep-learning studies from YAML recipes and plugins.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"corex {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a recipe", description="Run every stage of a recipe into a run directory.")
+    _add_recipe_args(run)
+    run.add_argument("--out", type=Path, help="run directory (default: the recipe's `output`, else runs/<name>)")
+    run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (epoch summaries are still printed)")
+    run.set_defaults(handler=cmd_run)
+
+    validate = commands.add_parser("validate", help="check a recipe without running it",
+                                   description="Report every problem in a recipe with its path; exit 0 when there is none.")
+    _add_recipe_args(validate)
+    validate.add_argument("--build", action="store_true", help="also build every component (reads the data set's index)")
+    validate.set_defaults(handler=cmd_validate)
+
+    plugins = commands.add_parser("plugins", help="list plugins and what they provide")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(handler=cmd_plugins)
+
+    recipes = commands.add_parser("recipes", help="list the shipped recipes")
+    recipes.set_defaults(handler=cmd_recipes)
+
+    export = commands.add_parser("export", help="write a stage's encoder as a clean state dict plus metadata")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--stage", required=True, help="the stage whose final encoder to export")
+    export.add_argument("output", type=Path, help="the .pt file to write (metadata goes beside it as .json)")
+    export.set_defaults(handler=cmd_export)
+
+    data = commands.add_parser("data", help="prepare and inspect data sets")
+    data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    prepare = data_commands.add_parser("prepare", help="build the decoded-image cache of a recipe's data ahead of time")
+    _add_recipe_args(prepare)
+    prepare.set_defaults(handler=cmd_data_prepare)
+    info = data_commands.add_parser("info", help="images, studies and patients per split and class")
+    _add_recipe_args(info)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=cmd_data_info)
+    data.set_defaults(handler=lambda args: _usage(data))
+
+    from corex.plugins import get_plugin_manager
+
+    get_plugin_manager().hook.corex_cli(commands=commands, data_commands=data_commands)
+    return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def resolve_recipe_path(name: str) -> Path:
+    """A path as given, or a shipped recipe by name (``quickstart``, ``phantom/moco_classification``)."""
+    path = Path(name)
+    if path.exists() or path.suffix in {".yaml", ".yml"}:
+        return path
+    shipped = RECIPES / f"{name}.yaml"
+    return shipped if shipped.exists() else path
+
+
+def _load(args: argparse.Namespace):
+    from corex.recipe import load_recipe
+
+    return load_recipe(resolve_recipe_path(args.recipe), overrides=args.overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from corex.engine import run
+
+    recipe = _load(args)
+    results = run(recipe, out=args.out, resume=args.resume, progress=False if args.no_progress else None)
+    out = args.out or recipe.output or Path("runs") / recipe.name
+    print(json.dumps(results, indent=2))
+    print(f"run directory: {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    if args.build:
+        from corex.engine import build_data, build_model
+
+        source = build_data(recipe)
+        build_model(recipe, len(source.class_names))
+    stages = ", ".join(f"{s.name} ({s.kind})" for s in recipe.stages.values())
+    print(f"{args.recipe}: valid; stages: {stages}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from corex.plugins import describe_plugins
+
+    rows = describe_plugins()
+    if args.json:
+        from corex.plugins import KINDS, Registry
+
+        registry = Registry()
+        components = {kind: {name: c.plugin for name, c in sorted(registry.components(kind).items())} for kind in KINDS}
+        print(json.dumps({"plugins": rows, "components": components}, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['name']} {row['version'] or ''}  ({row['module']}, {row['origin']})")
+        for kind, names in row["components"].items():
+            print(f"    {kind:14s} {', '.join(names)}")
+        other = [h for h in row["hooks"] if h not in {f"corex_{k}" for k in row["components"]}]
+        if other:
+            print(f"    {'hooks':14s} {', '.join(other)}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from corex.recipe import first_comment
+
+    for path in sorted(RECIPES.rglob("*.yaml")):
+        name = path.relative_to(RECIPES).with_suffix("").as_posix()
+        print(f"{name:36s} {first_comment(path)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from corex.export import export_encoder
+
+    meta = export_encoder(args.run_dir, args.stage, args.output)
+    print(f"wrote {args.output} ({meta['arch']}, {meta['parameters']:,} parameters) and {args.output.with_suffix('.json')}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from corex.engine import build_data
+
+    source = build_data(_load(args))
+    if hasattr(source, "prepare"):
+        source.prepare()
+    else:
+        print("this data set has nothing to prepare", file=sys.stderr)
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from corex.engine import build_data
+
+    source = build_data(_load(args))
+    description = source.describe()
+    if args.json:
+        print(json.dumps(description, indent=2, default=str))
+        return 0
+    names = list(source.class_names)
+    print(f"{'split':6s} {'studies':>8s} {'images':>8s} {'patients':>9s}  " + "  ".join(f"{n:>13s}" for n in names))
+    for split, info in description.items():
+        if not isinstance(info, dict) or "classes" not in info:
+            continue
+        counts = "  ".join(f"{info['classes'].get(n, 0):>13}" for n in names)
+        print(f"{split:6s} {info.get('studies', ''):>8} {info.get('images', ''):>8} {info.get('patients', ''):>9}  {counts}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "handler", None):
+            parser.print_help(sys.stderr)
+            return 2
+        return int(args.handler(args) or 0)
+    except CorexError as exc:
+        print(f"corex: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("corex: interrupted; continue with --resume and the same --out", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

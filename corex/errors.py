@@ -1,0 +1,32 @@
+"""Errors the command line prints as a message (exit code 2) instead of a traceback."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class CorexError(Exception):
+    """A problem the user can fix: bad recipe, bad data, a plugin conflict."""
+
+
+class PluginError(CorexError):
+    """Plugins that cannot be loaded or that contradict each other."""
+
+
+class RecipeError(CorexError):
+    """Every problem found in a recipe, each prefixed with its recipe path."""
+
+    def __init__(self, problems: Iterable[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        count = len(self.problems)
+        header = f"{count} problem{'s' if count != 1 else ''}{where}:"
+        super().__init__("\n".join([header, *(f"  {p}" for p in self.problems)]))
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """'; did you mean 'x'?' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""

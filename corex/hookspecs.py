@@ -1,0 +1,128 @@
+"""Every hook corex calls, in one flat module.
+
+Two families:
+
+* Registration hooks (``corex_encoders`` ... ``corex_datasets``) return a mapping of component
+  name to factory. The core owns the lookup: an unknown name gets a did-you-mean error, and two
+  plugins claiming one name is an error naming both. A factory is an ordinary typed callable; the
+  recipe's options are bound to its signature (and checked against its annotations) before any
+  work starts. The interfaces the built objects satisfy are in :mod:`corex.interfaces`.
+* Observer hooks (``corex_run_start`` ... ``corex_run_end``) are called with keyword arguments;
+  every implementation runs and return values are ignored. Use them for loggers and custom studies.
+
+A plugin implements any subset, as plain functions marked ``@corex.hookimpl``, and accepts any
+subset of a hook's arguments (pluggy passes only the ones it names).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from corex.engine import RunContext
+
+PROJECT = "corex"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Factory = Callable[..., Any]
+
+# -- registration ---------------------------------------------------------------------------------
+
+
+@hookspec
+def corex_encoders() -> Mapping[str, Factory]:
+    """Name encoder factories.
+
+    Called once when the registry is first needed. Each factory returns an
+    :class:`~corex.interfaces.Encoder`: an ``nn.Module`` mapping ``(B, C, H, W)`` images to a
+    feature pyramid. Recipe key: ``model.encoder``.
+    """
+
+
+@hookspec
+def corex_objectives() -> Mapping[str, Factory]:
+    """Name self-supervised objective factories.
+
+    Each factory returns an :class:`~corex.interfaces.Objective`. The core passes the shared
+    encoder as ``encoder`` (plus ``channels``, ``strides``, ``batch_size`` where the factory's
+    signature asks for them). Recipe key: ``stages.<name>.objective`` of a ``pretrain`` stage.
+    """
+
+
+@hookspec
+def corex_heads() -> Mapping[str, Factory]:
+    """Name task-head factories.
+
+    Each factory returns a :class:`~corex.interfaces.Head`. The core passes the encoder's
+    ``channels`` and ``strides`` and the dataset's ``num_classes`` where the signature asks.
+    Recipe key: ``stages.<name>.heads.<head>`` of a ``train`` stage.
+    """
+
+
+@hookspec
+def corex_evaluators() -> Mapping[str, Factory]:
+    """Name evaluator factories.
+
+    Each factory returns an :class:`~corex.interfaces.Evaluator` (streaming ``update`` /
+    ``compute``). The core passes ``class_names`` where the signature asks.
+    Recipe key: ``stages.<name>.evaluators``.
+    """
+
+
+@hookspec
+def corex_augmentations() -> Mapping[str, Factory]:
+    """Name batch-augmentation factories.
+
+    Each factory returns an :class:`~corex.interfaces.Augmentation` that transforms a batch on the
+    device where it lives, image and mask together. Recipe key: ``stages.<name>.augment``.
+    """
+
+
+@hookspec
+def corex_datasets() -> Mapping[str, Factory]:
+    """Name dataset factories.
+
+    Each factory returns a :class:`~corex.interfaces.DataSource`. The core passes ``image_size``,
+    ``seed`` and ``cache_dir`` where the signature asks. Recipe key: ``data``.
+    """
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+@hookspec
+def corex_cli(commands: argparse._SubParsersAction, data_commands: argparse._SubParsersAction) -> None:
+    """Add sub-commands to ``corex`` (``commands``) or to ``corex data`` (``data_commands``).
+
+    Called while the parser is built. Give each parser ``set_defaults(handler=fn)``; ``fn(args)``
+    returns the exit code.
+    """
+
+
+# -- lifecycle observers --------------------------------------------------------------------------
+
+
+@hookspec
+def corex_run_start(run: RunContext) -> None:
+    """Called once the run directory exists and the recipe is resolved, before the first stage."""
+
+
+@hookspec
+def corex_epoch_end(run: RunContext, stage: str, epoch: int, metrics: Mapping[str, float]) -> None:
+    """Called after each epoch of a ``train`` or ``pretrain`` stage with that epoch's metrics
+    (training losses, throughput and any validation metrics), as written to ``metrics.jsonl``."""
+
+
+@hookspec
+def corex_stage_end(run: RunContext, stage: str, results: Mapping[str, Any]) -> None:
+    """Called when a stage finishes, with the stage's entry of ``results.json``."""
+
+
+@hookspec
+def corex_run_end(run: RunContext, results: Mapping[str, Any]) -> None:
+    """Called after the last stage, with the complete ``results.json`` content."""

@@ -1,0 +1,140 @@
+"""What the objects built by plugin factories must provide.
+
+These are structural types (``typing.Protocol``): a plugin does not inherit from them, it only has
+to match. The core relies on nothing beyond what is written here.
+
+The batch
+---------
+A batch is a ``dict``:
+
+``image``      ``(B, 1, H, W)`` float32, intensities in ``[0, 1]`` (0 = air/black, 1 = dense/white,
+               i.e. MONOCHROME2 after the modality and VOI transforms). The engine checks the first
+               batch of every loader and refuses anything far outside that range.
+``label``      ``(B,)`` int64 study-level class index, ``-1`` where unknown (unlabelled images).
+``mask``       ``(B, 1, H, W)`` float32 opacity mask in ``{0, 1}`` (all zero when there is none).
+``has_mask``   ``(B,)`` bool, whether ``mask`` is a real annotation (a negative study with no boxes
+               is a real, empty annotation; an unannotated image is not).
+``study_id``, ``image_id``, ``patient_id``   lists of ``str``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+from torch.utils.data import Dataset
+
+Batch = dict[str, Any]
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """An ``nn.Module`` turning images into a feature pyramid.
+
+    ``forward(x)`` takes ``(B, in_channels, H, W)`` and returns a list of feature maps ordered
+    from the highest resolution to the lowest; map ``i`` has ``channels[i]`` channels and is
+    ``strides[i]`` times smaller than the input. ``state_dict()`` keys must be clean (no wrapper
+    prefixes) so an exported encoder loads without key surgery.
+    """
+
+    arch: str  # e.g. "resnet18"; recorded in exports and checked when weights are loaded
+    in_channels: int
+    channels: Sequence[int]
+    strides: Sequence[int]
+
+    def __call__(self, x: Tensor) -> list[Tensor]: ...
+
+
+@runtime_checkable
+class Head(Protocol):
+    """A task head on top of the pyramid.
+
+    ``forward(features)`` returns the head's output (classification: logits ``(B, K)``;
+    segmentation: mask logits ``(B, 1, H, W)`` at input resolution). ``loss(output, batch)``
+    returns a scalar; it must ignore samples without a target (``label == -1`` or
+    ``has_mask == False``) and return a zero that still has a graph when a batch has none.
+    ``task`` tells evaluators what the output is ("classification", "segmentation", ...).
+    The core multiplies each head's loss by the recipe's ``weight`` and sums them.
+    """
+
+    task: str
+
+    def __call__(self, features: list[Tensor]) -> Tensor: ...
+
+    def loss(self, output: Tensor, batch: Batch) -> Tensor: ...
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A self-supervised objective trained in a ``pretrain`` stage.
+
+    It receives the shared encoder at construction and trains it in place: after the stage the
+    model's encoder is what transfers (for MoCo: the query encoder). Any extra state (key encoder,
+    queue, decoder) lives in the objective's own parameters and buffers, so it is checkpointed.
+
+    ``forward(batch, augment)`` returns a dict with a scalar ``loss`` plus any scalars to log.
+    ``augment`` applies the stage's augmentation pipeline to a batch (identity when none is set);
+    an objective may call it several times to make views.
+
+    Optional: ``on_epoch_end(epoch, batch, out_dir)`` writes artefacts (e.g. image grids) using a
+    fixed batch; ``out_dir`` is the stage's folder in the run directory.
+    """
+
+    def __call__(self, batch: Batch, augment: Callable[[Batch], Batch]) -> Mapping[str, Tensor]: ...
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Streaming evaluation over a split.
+
+    ``update(batch, outputs)`` sees every batch with ``outputs`` mapping head name to that head's
+    output (detached, float32). ``compute()`` returns flat ``{metric_name: float}``; names are
+    unique across evaluators of one stage, so prefix them if they could collide.
+    ``reset()`` clears state. Optional: ``intervals() -> {metric: (low, high)}`` confidence
+    intervals, and ``save(out_dir)`` to write artefacts (plots, tables, per-sample predictions).
+    """
+
+    def update(self, batch: Batch, outputs: Mapping[str, Tensor]) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+    def reset(self) -> None: ...
+
+
+@runtime_checkable
+class Augmentation(Protocol):
+    """Batch-level augmentation, run by the engine after the batch is on its device.
+
+    ``forward(batch)`` returns a new batch whose ``image`` and ``mask`` went through the same
+    geometric transform with per-sample random parameters (drawn from torch's global RNG, so a
+    seed repeats them). Other keys pass through unchanged. Called under ``torch.no_grad()``.
+    """
+
+    def __call__(self, batch: Batch) -> Batch: ...
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """A dataset with its splits.
+
+    ``class_names`` are the study-level classes in label-index order.
+    ``split(name, label_fraction)`` returns a map-style ``Dataset`` of item dicts (the batch keys
+    above, unbatched, CPU tensors) for ``"train"``, ``"val"`` or ``"test"``; with
+    ``label_fraction < 1`` only that stratified, deterministic fraction of the labelled studies is
+    returned. ``describe()`` returns counts per split and class for reports.
+    ``skipped()`` lists samples dropped under ``on_bad_sample: skip`` (dicts with ``path``,
+    ``reason``), written to the run directory. Optional: ``prepare()`` builds caches ahead of time;
+    ``normalization`` (a dict) describes the intensity pipeline for export metadata.
+    """
+
+    class_names: Sequence[str]
+
+    def split(self, name: str, label_fraction: float = 1.0) -> Dataset: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def skipped(self) -> list[dict[str, Any]]: ...
+
+
+__all__ = ["Augmentation", "Batch", "DataSource", "Encoder", "Evaluator", "Head", "Objective"]

@@ -1,0 +1,207 @@
+"""The plugin manager and the component registry.
+
+Plugins arrive three ways, all through pluggy:
+
+* installed distributions that declare an entry point in the ``corex`` group (the built-in plugins
+  under ``plugins/`` come in exactly this way);
+* ``COREX_PLUGINS=module,other.module`` for local modules;
+* ``get_plugin_manager().register(obj)`` from Python.
+
+``COREX_DISABLE_PLUGINS=name,...`` blocks plugins (by entry-point name or module name) and
+``COREX_DISABLE_PLUGIN_AUTOLOAD=1`` loads no entry points at all.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+import attrs
+import pluggy
+
+from corex import hookspecs
+from corex.errors import PluginError, did_you_mean
+
+# Recipe-facing kind name -> registration hook.
+KINDS: dict[str, str] = {
+    "encoders": "corex_encoders",
+    "objectives": "corex_objectives",
+    "heads": "corex_heads",
+    "evaluators": "corex_evaluators",
+    "augmentations": "corex_augmentations",
+    "datasets": "corex_datasets",
+}
+_SINGULAR = {kind: kind[:-1] for kind in KINDS}
+
+
+@attrs.frozen
+class Component:
+    """A registered factory and the plugin that provides it."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def create_plugin_manager(*, autoload: bool | None = None) -> pluggy.PluginManager:
+    """A new manager with the entry-point plugins and ``COREX_PLUGINS`` loaded and checked."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    blocked = set(_env_list("COREX_DISABLE_PLUGINS"))
+    if autoload is None:
+        autoload = not _truthy("COREX_DISABLE_PLUGIN_AUTOLOAD")
+    if autoload:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=hookspecs.PROJECT):
+            if ep.name in blocked or ep.value in blocked:
+                pm.set_blocked(ep.name)
+        try:
+            pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin '{exc.plugin_name}' is invalid: {exc}") from exc
+    for module_name in _env_list("COREX_PLUGINS"):
+        if module_name in blocked:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise PluginError(
+                f"COREX_PLUGINS names '{module_name}', which cannot be imported: {exc}. "
+                "Is its folder on PYTHONPATH (or the current directory)?"
+            ) from exc
+        register(pm, module, name=module_name)
+    check(pm)
+    return pm
+
+
+def register(pm: pluggy.PluginManager, plugin: object, name: str | None = None) -> None:
+    """Register one plugin, turning pluggy's validation errors into :class:`PluginError`."""
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin '{exc.plugin_name}' is invalid: {exc}") from exc
+    except ValueError as exc:  # pluggy: already registered under this name
+        raise PluginError(str(exc)) from exc
+
+
+def check(pm: pluggy.PluginManager) -> None:
+    """Reject hook implementations that match no hook (usually a misspelled hook name)."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        match = re.search(r"unknown hook '([^']+)'", str(exc))
+        known = [name for name in dir(hookspecs) if name.startswith("corex_")]
+        hint = did_you_mean(match.group(1), known) if match else ""
+        raise PluginError(f"{exc}{hint}") from exc
+
+
+@cache
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, created on first use."""
+    return create_plugin_manager()
+
+
+def reset_plugin_manager() -> None:
+    """Forget the process-wide manager (tests, or after changing ``COREX_PLUGINS``)."""
+    get_plugin_manager.cache_clear()
+
+
+def plugin_name(pm: pluggy.PluginManager, plugin: object) -> str:
+    return pm.get_name(plugin) or getattr(plugin, "__name__", repr(plugin))
+
+
+class Registry:
+    """Named components of every kind, collected from a plugin manager.
+
+    The core owns the lookup so that every plugin gets the same errors: unknown names with a
+    suggestion and the list of what is available, and duplicate names naming both plugins.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager | None = None):
+        self.pm = pm or get_plugin_manager()
+        self._components: dict[str, dict[str, Component]] = {}
+
+    def components(self, kind: str) -> dict[str, Component]:
+        if kind not in KINDS:
+            raise KeyError(f"unknown component kind '{kind}'; kinds are {', '.join(KINDS)}")
+        if kind not in self._components:
+            self._components[kind] = self._collect(kind)
+        return self._components[kind]
+
+    def _collect(self, kind: str) -> dict[str, Component]:
+        found: dict[str, Component] = {}
+        hook = getattr(self.pm.hook, KINDS[kind])
+        # Call implementations one by one so that every name is attributed to its plugin.
+        for impl in reversed(hook.get_hookimpls()):
+            owner = plugin_name(self.pm, impl.plugin)
+            provided = impl.function() or {}
+            if not isinstance(provided, dict):
+                raise PluginError(f"plugin '{owner}': {KINDS[kind]}() must return a dict of name to factory, got {type(provided).__name__}")
+            for name, factory in provided.items():
+                if not callable(factory):
+                    raise PluginError(f"plugin '{owner}': {_SINGULAR[kind]} '{name}' is not callable")
+                if name in found:
+                    raise PluginError(
+                        f"{_SINGULAR[kind]} '{name}' is registered twice: by plugin '{found[name].plugin}' "
+                        f"and by plugin '{owner}'. Block one with COREX_DISABLE_PLUGINS or rename it."
+                    )
+                found[name] = Component(kind, name, factory, owner)
+        return found
+
+    def get(self, kind: str, name: str) -> Component:
+        available = self.components(kind)
+        if name in available:
+            return available[name]
+        raise KeyError(self.unknown_message(kind, name))
+
+    def unknown_message(self, kind: str, name: str) -> str:
+        available = self.components(kind)
+        listing = ", ".join(f"{n} ({c.plugin})" for n, c in sorted(available.items())) or "none"
+        hint = did_you_mean(name, available) or "."
+        return f"{_SINGULAR[kind]} '{name}' is not registered{hint} Available: {listing}"
+
+
+def describe_plugins(pm: pluggy.PluginManager | None = None) -> list[dict[str, Any]]:
+    """One entry per plugin: name, module, version, origin, hooks and components by kind."""
+    pm = pm or get_plugin_manager()
+    registry = Registry(pm)
+    distinfo = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    env_plugins = set(_env_list("COREX_PLUGINS"))
+    rows = []
+    for plugin in pm.get_plugins():
+        name = plugin_name(pm, plugin)
+        dist = distinfo.get(id(plugin))
+        if dist is not None:
+            origin, version = f"entry point of {dist.project_name}", dist.version
+        elif name in env_plugins:
+            origin, version = "COREX_PLUGINS", getattr(plugin, "__version__", None)
+        else:
+            origin, version = "registered from Python", getattr(plugin, "__version__", None)
+        hooks = sorted(impl_name for impl_name in dir(plugin) if impl_name.startswith("corex_") and pm.parse_hookimpl_opts(plugin, impl_name))
+        components = {
+            kind: sorted(c.name for c in registry.components(kind).values() if c.plugin == name)
+            for kind in KINDS
+        }
+        rows.append({
+            "name": name,
+            "module": getattr(plugin, "__name__", type(plugin).__name__),
+            "version": version,
+            "origin": origin,
+            "hooks": hooks,
+            "components": {k: v for k, v in components.items() if v},
+        })
+    return sorted(rows, key=lambda row: row["name"])

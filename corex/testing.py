@@ -1,0 +1,151 @@
+"""pytest fixtures for corex and for plugin authors (registered under the ``pytest11`` entry point).
+
+Fixtures:
+
+``corex_pm``        a fresh process-wide plugin manager with the ``toy`` dataset registered; your
+                    test can ``corex.plugins.register(corex_pm, my_plugin)`` to add its own.
+``tiny_recipe``     a recipe mapping for a seconds-long multi-task run on the toy data with a tiny
+                    ResNet; tweak it, then ``corex.load_recipe(tiny_recipe)``.
+``corex_cli``       runs the ``corex`` command line in-process: ``code, out, err = corex_cli("validate", path)``.
+
+The ``toy`` dataset (:class:`ToySource`) is learnable by construction: each class puts a bright
+square in its own quadrant, and the square is the opacity mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from corex.hookspecs import hookimpl
+
+TOY_CLASSES = ("negative", "typical", "indeterminate", "atypical")
+
+
+class ToyDataset:
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+class ToySource:
+    """Class ``k`` draws a bright square in quadrant ``k`` on noise; the square is the mask."""
+
+    class_names = TOY_CLASSES
+
+    def __init__(self, *, image_size: int, seed: int, studies: int = 64, noise: float = 0.1):
+        import torch
+
+        if studies < 12:
+            raise ValueError(f"studies must be at least 12 (4 classes in 3 splits), got {studies}")
+        self.normalization = {"range": [0, 1], "source": "synthetic toy squares"}
+        generator = torch.Generator().manual_seed(seed)
+        size = image_size
+        half, side = size // 2, size // 4
+        items = []
+        for i in range(studies):
+            label = i % 4
+            image = torch.rand(1, size, size, generator=generator) * noise
+            mask = torch.zeros(1, size, size)
+            top = (label // 2) * half + int(torch.randint(0, half - side, (1,), generator=generator))
+            left = (label % 2) * half + int(torch.randint(0, half - side, (1,), generator=generator))
+            mask[:, top:top + side, left:left + side] = 1.0
+            image = (image + 0.8 * mask).clamp(0, 1)
+            items.append({
+                "image": image, "label": torch.tensor(label), "mask": mask, "has_mask": torch.tensor(True),
+                "study_id": f"s{i}", "image_id": f"i{i}", "patient_id": f"p{i}",
+            })
+        # Every 5th study to val, every 5th+1 to test: all classes in all splits.
+        self._splits = {
+            "train": [it for i, it in enumerate(items) if i % 5 > 1],
+            "val": [it for i, it in enumerate(items) if i % 5 == 0],
+            "test": [it for i, it in enumerate(items) if i % 5 == 1],
+        }
+
+    def split(self, name: str, label_fraction: float = 1.0) -> ToyDataset:
+        items = self._splits[name]
+        if label_fraction < 1.0:
+            keep = max(4, round(len(items) * label_fraction))
+            items = items[:keep]
+        return ToyDataset(items)
+
+    def describe(self) -> dict[str, Any]:
+        out = {}
+        for name, items in self._splits.items():
+            counts = {c: sum(1 for it in items if int(it["label"]) == k) for k, c in enumerate(TOY_CLASSES)}
+            out[name] = {"images": len(items), "studies": len(items), "patients": len(items), "classes": counts}
+        return out
+
+    def skipped(self) -> list[dict[str, Any]]:
+        return []
+
+
+class ToyPlugin:
+    """Registers the ``toy`` dataset."""
+
+    __version__ = "test"
+
+    @staticmethod
+    @hookimpl
+    def corex_datasets():
+        return {"toy": ToySource}
+
+
+def tiny_recipe_dict() -> dict[str, Any]:
+    """A multi-task recipe that trains in a few seconds on the toy data."""
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"name": "toy", "image_size": 32, "batch_size": 8, "studies": 40},
+        "model": {"encoder": {"name": "resnet18", "width": 8}},
+        "optimizer": {"name": "adamw", "lr": 0.003},
+        "schedule": {"name": "cosine", "warmup_epochs": 0.5},
+        "stages": {
+            "train": {
+                "kind": "train",
+                "epochs": 2,
+                "heads": {"classification": {"weight": 1.0}, "segmentation": {"weight": 0.5}},
+                "evaluators": [{"name": "classification", "bootstrap": 0}, "segmentation"],
+                "select": "macro_f1",
+            },
+            "test": {"kind": "evaluate", "split": "test", "evaluators": [{"name": "classification", "bootstrap": 50}, "segmentation"]},
+        },
+    }
+
+
+@pytest.fixture
+def corex_pm():
+    from corex.plugins import get_plugin_manager, register, reset_plugin_manager
+
+    reset_plugin_manager()
+    pm = get_plugin_manager()
+    register(pm, ToyPlugin, name="corex-toy")
+    yield pm
+    reset_plugin_manager()
+
+
+@pytest.fixture
+def tiny_recipe(corex_pm) -> dict[str, Any]:
+    return tiny_recipe_dict()
+
+
+@pytest.fixture
+def corex_cli(corex_pm) -> Callable[..., tuple[int, str, str]]:
+    from corex.cli import main
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+        return code, out.getvalue(), err.getvalue()
+
+    return invoke
