@@ -121,12 +121,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from corex.plugins import Registry
+
     recipe = _load(args)
     if args.build:
-        from corex.engine import build_data, build_model
+        from corex.engine import build_data, check_components
 
         source = build_data(recipe)
-        build_model(recipe, len(source.class_names))
+        check_components(recipe, list(source.class_names), Registry())
     stages = ", ".join(f"{s.name} ({s.kind})" for s in recipe.stages.values())
     print(f"{args.recipe}: valid; stages: {stages}")
     return 0

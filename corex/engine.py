@@ -104,13 +104,20 @@ def build_model(recipe: Recipe, num_classes: int, registry: Registry | None = No
         if not hasattr(encoder, attribute):
             raise CorexError(f"model.encoder: encoder '{recipe.model.encoder.name}' has no '{attribute}' attribute (see corex/interfaces.py)")
     heads: dict[str, nn.Module] = {}
+    problems: list[str] = []
     for stage in recipe.stages.values():
         for name, head in stage.heads.items():
-            if name not in heads:
+            if name in heads:
+                continue
+            try:
                 heads[name] = build_component(
                     registry, "heads", head.component, f"stages.{stage.name}.heads.{name}",
                     channels=tuple(encoder.channels), strides=tuple(encoder.strides), num_classes=num_classes,
                 )
+            except RecipeError as exc:
+                problems.extend(exc.problems)
+    if problems:
+        raise RecipeError(problems, source=recipe.source)
     return CorexModel(encoder, heads)
 
 
@@ -126,6 +133,34 @@ def build_augment(stage: Stage, registry: Registry) -> Callable[[dict], dict]:
     if stage.augment is None:
         return lambda batch: batch
     return build_component(registry, "augmentations", stage.augment, f"stages.{stage.name}.augment")
+
+
+def check_components(recipe: Recipe, class_names: list[str], registry: Registry) -> CorexModel:
+    """Build the model and, once, every stage's augmentation, evaluators and objective, so that the
+    plugins' own checks (a Kornia op that does not exist, a queue size that does not divide the
+    batch) are all reported together before any training starts. Returns the model."""
+    problems: list[str] = []
+    model = encoder = None
+    try:
+        model = build_model(recipe, len(class_names), registry)
+        encoder = model.encoder
+    except RecipeError as exc:
+        problems.extend(exc.problems)
+    for stage in recipe.stages.values():
+        builders = [lambda: build_augment(stage, registry), lambda: build_evaluators(stage, class_names, registry)]
+        if stage.objective is not None and encoder is not None:
+            builders.append(lambda: build_component(
+                registry, "objectives", stage.objective, f"stages.{stage.name}.objective", encoder=encoder,
+                channels=tuple(encoder.channels), strides=tuple(encoder.strides), batch_size=recipe.stage_batch_size(stage),
+            ))
+        for build in builders:
+            try:
+                build()
+            except RecipeError as exc:
+                problems.extend(exc.problems)
+    if problems:
+        raise RecipeError(problems, source=recipe.source)
+    return model
 
 
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, device: torch.device) -> DataLoader:
@@ -338,7 +373,7 @@ class Runner:
         seed_everything(self.recipe.seed, self.recipe.deterministic)
         self.source = build_data(self.recipe, self.registry)
         self.class_names = list(self.source.class_names)
-        self.model = build_model(self.recipe, len(self.class_names), self.registry)
+        self.model = check_components(self.recipe, self.class_names, self.registry)
         self.model.to(self.device)
         if self.recipe.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -592,8 +627,12 @@ class Runner:
         return result
 
     def evaluate(self, loader: DataLoader, heads: list[str], evaluators: list[tuple[str, Any]], stage: Stage, artefacts: Path | None = None):
-        # Each head's weight from the latest train stage that defines it, as it was trained.
-        weights = {h: s.heads[h].weight for s in self.recipe.stages.values() for h in heads if h in s.heads}
+        # Each head's weight from the latest train stage so far that defines it, as it was trained.
+        weights: dict[str, float] = {}
+        for earlier in self.recipe.stages.values():
+            weights.update({h: head.weight for h, head in earlier.heads.items()})
+            if earlier.name == stage.name:
+                break
         return evaluate_loader(
             self.model, loader, heads, evaluators, self.device, weights=weights, amp=autocast_dtype(stage, self.device),
             channels_last=self.recipe.model.channels_last, artefacts=artefacts, where=f"stages.{stage.name}",

@@ -72,7 +72,7 @@ def create_plugin_manager(*, autoload: bool | None = None) -> pluggy.PluginManag
         try:
             pm.load_setuptools_entrypoints(hookspecs.PROJECT)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"plugin '{exc.plugin_name}' is invalid: {exc}") from exc
+            raise PluginError(f"an installed corex plugin is invalid: {exc}") from exc
     for module_name in _env_list("COREX_PLUGINS"):
         if module_name in blocked:
             continue
@@ -93,7 +93,7 @@ def register(pm: pluggy.PluginManager, plugin: object, name: str | None = None) 
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin '{exc.plugin_name}' is invalid: {exc}") from exc
+        raise PluginError(f"plugin '{name or plugin}' is invalid: {exc}") from exc
     except ValueError as exc:  # pluggy: already registered under this name
         raise PluginError(str(exc)) from exc
 

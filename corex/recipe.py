@@ -269,8 +269,13 @@ def load_recipe(
     problems = Problems(apply_overrides(data, overrides))
     data.setdefault("name", default_name)
     recipe = _structure(Recipe, data, "", problems)
-    if not problems:
+    if recipe is not None:  # bind and cross-check what could be read, to report everything at once
+        recipe.stages = {k: v for k, v in recipe.stages.items() if v is not None}
+        for stage in recipe.stages.values():
+            stage.heads = {k: v for k, v in stage.heads.items() if v is not None}
+            stage.evaluators = [e for e in stage.evaluators if e is not None]
         _bind_components(recipe, registry or Registry(), problems)
+    if recipe is not None and not problems:  # cross-checks compare values, so only well-typed ones
         _cross_check(recipe, problems)
     if problems:
         raise RecipeError(problems, source=where)
@@ -409,7 +414,8 @@ def _unstructure(obj: Any) -> Any:
 def iter_components(recipe: Recipe):
     """Yield ``(kind, recipe path, Component)`` for every component the recipe names."""
     yield "datasets", "data", Component(recipe.data.name, recipe.data.options)
-    yield "encoders", "model.encoder", recipe.model.encoder
+    if recipe.model.encoder is not None:
+        yield "encoders", "model.encoder", recipe.model.encoder
     for stage in recipe.stages.values():
         base = f"stages.{stage.name}"
         for head_name, head in stage.heads.items():

@@ -105,7 +105,7 @@ def tiny_recipe_dict() -> dict[str, Any]:
     return {
         "name": "tiny",
         "seed": 0,
-        "data": {"name": "toy", "image_size": 32, "batch_size": 8, "studies": 40},
+        "data": {"name": "toy", "image_size": 32, "batch_size": 8, "studies": 160},
         "model": {"encoder": {"name": "resnet18", "width": 8}},
         "optimizer": {"name": "adamw", "lr": 0.003},
         "schedule": {"name": "cosine", "warmup_epochs": 0.5},

@@ -1,0 +1,177 @@
+"""Plugin discovery, registration errors, blocking, and `corex plugins`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+import corex
+from corex.errors import PluginError
+from corex.plugins import KINDS, Registry, create_plugin_manager, describe_plugins, register
+
+BUILT_IN = {
+    "encoders": {"resnet18", "resnet34", "resnet50", "densenet121"},
+    "heads": {"classification", "segmentation"},
+    "evaluators": {"classification", "segmentation"},
+    "datasets": {"phantom", "siim", "folder"},
+    "objectives": {"moco", "inpaint"},
+    "augmentations": {"cxr_light", "moco_cxr", "mocov2", "kornia", "none"},
+}
+
+
+def test_built_in_plugins_arrive_through_entry_points(corex_pm):
+    registry = Registry(corex_pm)
+    for kind, names in BUILT_IN.items():
+        assert names <= set(registry.components(kind)), kind
+    assert registry.get("encoders", "resnet18").plugin == "encoders"  # the entry-point name
+
+
+THIRD_PARTY = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from corex import hookimpl
+
+    class Blob(nn.Module):
+        arch = "blob"
+
+        def __init__(self, *, in_channels: int = 1, width: int = 4):
+            super().__init__()
+            self.in_channels = in_channels
+            self.channels = (width, width)
+            self.strides = (16, 32)
+            self.a = nn.Conv2d(in_channels, width, 3, stride=16, padding=1)
+            self.b = nn.Conv2d(width, width, 3, stride=2, padding=1)
+
+        def forward(self, x):
+            a = torch.relu(self.a(x))
+            return [a, torch.relu(self.b(a))]
+
+    @hookimpl
+    def corex_encoders():
+        return {"blob": Blob}
+''')
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    (tmp_path / "corex_blob_plugin.py").write_text(THIRD_PARTY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("COREX_PLUGINS", "corex_blob_plugin")
+    yield "corex_blob_plugin"
+    sys.modules.pop("corex_blob_plugin", None)
+
+
+def test_third_party_module_adds_an_encoder_that_a_recipe_uses(third_party, corex_pm, tiny_recipe, tmp_path):
+    registry = Registry(corex_pm)
+    assert registry.get("encoders", "blob").plugin == "corex_blob_plugin"
+    tiny_recipe["model"]["encoder"] = {"name": "blob", "width": 6}
+    tiny_recipe["stages"]["train"]["epochs"] = 1
+    recipe = corex.load_recipe(tiny_recipe)
+    results = corex.run(recipe, out=tmp_path / "run", progress=False)
+    assert results["stages"]["test"]["metrics"]["n"] == 32
+    listed = {row["name"]: row for row in describe_plugins(corex_pm)}
+    assert listed["corex_blob_plugin"]["origin"] == "COREX_PLUGINS"
+    assert listed["corex_blob_plugin"]["components"] == {"encoders": ["blob"]}
+
+
+def test_a_misspelled_third_party_option_is_reported(third_party, corex_pm, tiny_recipe):
+    tiny_recipe["model"]["encoder"] = {"name": "blob", "widht": 6}
+    with pytest.raises(corex.recipe.RecipeError) as info:
+        corex.load_recipe(tiny_recipe)
+    assert "model.encoder.widht: unknown option; did you mean 'width'?" in str(info.value)
+
+
+class Duplicate:
+    @staticmethod
+    @corex.hookimpl
+    def corex_encoders():
+        return {"resnet18": lambda: None}
+
+
+def test_two_plugins_claiming_one_name_is_an_error_naming_both(corex_pm):
+    register(corex_pm, Duplicate, name="my-resnets")
+    with pytest.raises(PluginError) as info:
+        Registry(corex_pm).components("encoders")
+    message = str(info.value)
+    assert "encoder 'resnet18' is registered twice" in message
+    assert "'encoders'" in message and "'my-resnets'" in message
+
+
+def test_unknown_name_suggests_the_closest_and_lists_providers(corex_pm):
+    with pytest.raises(KeyError) as info:
+        Registry(corex_pm).get("encoders", "resnet05")
+    message = info.value.args[0]
+    assert "encoder 'resnet05' is not registered; did you mean 'resnet50'?" in message
+    assert "densenet121 (encoders)" in message
+
+
+class Misspelled:
+    @staticmethod
+    @corex.hookimpl
+    def corex_encoder():  # the hook is corex_encoders
+        return {}
+
+
+def test_an_implementation_of_no_known_hook_is_rejected(corex_pm):
+    register(corex_pm, Misspelled, name="typo")
+    from corex.plugins import check
+
+    with pytest.raises(PluginError, match="unknown hook 'corex_encoder'.*did you mean 'corex_encoders'"):
+        check(corex_pm)
+
+
+def test_an_implementation_with_arguments_the_hook_does_not_have_is_rejected():
+    class BadArgs:
+        @staticmethod
+        @corex.hookimpl
+        def corex_epoch_end(run, stage, loss):
+            pass
+
+    pm = create_plugin_manager(autoload=False)
+    with pytest.raises(PluginError, match="loss"):
+        register(pm, BadArgs, name="bad-args")
+
+
+def test_blocking_one_plugin_and_all_autoloading(monkeypatch):
+    monkeypatch.setenv("COREX_DISABLE_PLUGINS", "corex_moco")
+    registry = Registry(create_plugin_manager())
+    assert "moco" not in registry.components("objectives")
+    assert "inpaint" in registry.components("objectives")
+    monkeypatch.setenv("COREX_DISABLE_PLUGIN_AUTOLOAD", "1")
+    registry = Registry(create_plugin_manager())
+    assert all(not registry.components(kind) for kind in KINDS)
+
+
+def test_an_unimportable_corex_plugins_module_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("COREX_PLUGINS", "no_such_corex_plugin")
+    with pytest.raises(PluginError, match="COREX_PLUGINS names 'no_such_corex_plugin'"):
+        create_plugin_manager()
+
+
+def test_plugins_json_lists_every_component_by_kind_and_provider(corex_cli):
+    code, out, _ = corex_cli("plugins", "--json")
+    assert code == 0
+    listing = json.loads(out)
+    assert set(listing["components"]) == set(KINDS)
+    for kind, names in BUILT_IN.items():
+        assert names <= set(listing["components"][kind])
+    assert listing["components"]["objectives"]["moco"] == "moco"
+    assert listing["components"]["datasets"]["toy"] == "corex-toy"
+    versions = {row["name"]: row["version"] for row in listing["plugins"]}
+    assert versions["encoders"] == corex.__version__
+
+
+def test_every_hook_is_documented_and_typed():
+    import inspect
+
+    from corex import hookspecs
+
+    hooks = [f for name, f in vars(hookspecs).items() if name.startswith("corex_") and callable(f)]
+    assert len(hooks) >= 11
+    for hook in hooks:
+        doc = inspect.getdoc(hook) or ""
+        assert len(doc) > 40, f"{hook.__name__} needs a docstring saying when it is called and what it returns"
+        assert "return" in inspect.get_annotations(hook), f"{hook.__name__} needs a return annotation"
