@@ -475,6 +475,8 @@ class Runner:
         heads = list(stage.heads)
         batch_size = recipe.stage_batch_size(stage)
         augment = build_augment(stage, self.registry)
+        # Transfer first: an objective may copy the encoder when built (MoCo's key encoder).
+        self._start_encoder(stage)
         objective = None
         if pretrain:
             objective = build_component(
@@ -483,8 +485,6 @@ class Runner:
             ).to(device)
         evaluators = [] if pretrain else build_evaluators(stage, self.class_names, self.registry)
         label_fraction = 1.0 if pretrain else recipe.data.label_fraction
-
-        self._start_encoder(stage)
         model.encoder.requires_grad_(not stage.freeze)
         modules: list[nn.Module] = [model.encoder] + [model.heads[h] for h in heads] + ([objective] if objective is not None else [])
         params = list({id(p): p for m in modules for p in m.parameters() if p.requires_grad}.values())
