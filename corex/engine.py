@@ -226,18 +226,26 @@ def tune_allocator() -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, so checkpoints load with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def stage_seed(seed: int, stage: str, epoch: int) -> int:
@@ -426,6 +434,10 @@ class Runner:
         rundir.atomic_write_text(out / "README.md", rundir.RUN_README.format(name=self.recipe.name, recipe=recipe_path, out=out))
 
     def _write_data_report(self) -> None:
+        # Decode (or find cached) every image now: a file that only fails when decoded is
+        # reported before training, and listed in skipped.json under on_bad_sample: skip.
+        if hasattr(self.source, "prepare"):
+            self.source.prepare()
         description = dict(self.source.describe())
         if getattr(self.source, "normalization", None) is not None:
             description["normalization"] = self.source.normalization
@@ -440,7 +452,7 @@ class Runner:
                 log(f"data: {split:5s} {info.get('studies', '?')} studies, {info.get('images', '?')} images ({counts})")
 
     def _load_model(self, path: Path) -> dict[str, Any]:
-        payload = torch.load(path, map_location=self.device, weights_only=False)
+        payload = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(payload["model"])
         return payload
 
@@ -502,7 +514,7 @@ class Runner:
         best = {"epoch": None, "value": None, "metrics": {}}
         start_epoch = 1
         if self.resume and (ckpt_dir / "last.pt").exists():
-            state = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=False)
+            state = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=True)
             model.load_state_dict(state["model"])
             if objective is not None:
                 objective.load_state_dict(state["objective"])

@@ -30,7 +30,7 @@ def export_encoder(run_dir: Path, stage: str, output: Path) -> dict[str, Any]:
         done = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("*/model.pt"))
         raise CorexError(f"export: stage '{stage}' of '{run_dir}' has no finished model; finished stages: {', '.join(done) or 'none'}")
     recipe = load_recipe(run_dir / "recipe.yaml")
-    payload = torch.load(model_path, map_location="cpu", weights_only=False)
+    payload = torch.load(model_path, map_location="cpu", weights_only=True)
     state = encoder_state(payload["model"])
     plugins = rundir.read_json(run_dir / "plugins.json") if (run_dir / "plugins.json").exists() else []
     data_info = rundir.read_json(run_dir / "data.json") if (run_dir / "data.json").exists() else {}

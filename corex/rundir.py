@@ -114,6 +114,10 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+# Validation metrics worth a line on the curves, best first; counts and per-class values are not.
+HEADLINE = ("val/macro_f1", "val/balanced_accuracy", "val/auroc", "val/dice")
+
+
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     """One panel per stage: training loss, validation loss and the other validation metrics."""
     stages = list(dict.fromkeys(r["stage"] for r in rows))
@@ -135,14 +139,16 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
         ax.set_title(stage)
-        others = sorted({k for r in stage_rows for k in r if k.startswith("val/") and k != "val/loss" and "/" not in k[4:]})
+        present = {k for r in stage_rows for k in r if k.startswith("val/")}
+        others = [k for k in HEADLINE if k in present]
         if others:
             twin = ax.twinx()
-            for key in others[:4]:
+            for key in others:
                 twin.plot(epochs, [r.get(key) for r in stage_rows], ":", marker=".", label=key)
             twin.set_ylabel("validation metric")
-            twin.legend(loc="upper right", fontsize=7)
-        ax.legend(loc="upper left", fontsize=7)
+            twin.set_ylim(0, 1)
+            twin.legend(loc="lower right", fontsize=7)
+        ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

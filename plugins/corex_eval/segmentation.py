@@ -115,7 +115,9 @@ class SegmentationEvaluator:
             for key, colour in (("target", "lime"), ("predicted", "red")):
                 if example[key].any():  # contour() of a constant mask only warns
                     axes.contour(example[key], levels=[0.5], colors=colour, linewidths=1)
-            axes.set_title(f"{example['image_id']}\nDice {example['dice']:.2f}", fontsize=8)
+            name = str(example["image_id"])
+            name = name if len(name) <= 20 else "…" + name[-19:]  # DICOM UIDs run to 64 characters
+            axes.set_title(f"{name}\nDice {example['dice']:.2f}", fontsize=8)
         figure.suptitle("target (green) and predicted (red) opacity outlines")
         save_figure(figure, Path(out_dir) / "segmentation_examples.png")
 
