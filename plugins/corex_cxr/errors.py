@@ -1,0 +1,27 @@
+"""The one exception corex_cxr raises for bad data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """An unusable file or CSV row: ``str(error)`` is ``"<path>: <reason>"``.
+
+    A subclass of ``ValueError`` so the core reports it like any other bad recipe value.
+    ``problems`` lists every ``{"path", "reason"}`` it stands for: one, or all of them for
+    an error from :meth:`collected`.
+    """
+
+    def __init__(self, path: Path | str, reason: str, problems: list[dict[str, Any]] | None = None):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+        self.problems = problems if problems is not None else [{"path": self.path, "reason": reason}]
+
+    @classmethod
+    def collected(cls, where: Path | str, problems: list[dict[str, Any]]) -> DataError:
+        """One error listing every problem found in a data set, one per line."""
+        lines = "".join(f"\n  {problem['path']}: {problem['reason']}" for problem in problems)
+        reason = f"{len(problems)} unusable sample(s); fix them or set on_bad_sample: skip{lines}"
+        return cls(where, reason, problems)

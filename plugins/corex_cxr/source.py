@@ -1,0 +1,202 @@
+"""What every corex_cxr data source shares: samples, bad-data policy, splits, the cache.
+
+A concrete source (:class:`~corex_cxr.siim.SiimSource`, :class:`~corex_cxr.folder.FolderSource`)
+passes its options to ``CxrSource.__init__`` (which checks them before any file is read), reads its
+own layout into :class:`Sample` records plus a list of problems (headers at most, never pixels) and
+hands them to :meth:`CxrSource._accept`. :class:`CxrSource` does the rest:
+
+* ``on_bad_sample: error`` raises one :class:`DataError` listing every problem: at construction
+  for what the layout and headers show (missing files, malformed CSV rows, non-DICOM files), and
+  in :meth:`CxrSource.prepare` for files that fail to decode. ``skip`` drops them and lists them
+  in :meth:`CxrSource.skipped`: nothing is dropped silently.
+* Splits are assigned per patient (see :mod:`corex_cxr.splits`) when the source is built, so they
+  do not depend on which files later fail to decode.
+* Pixels are decoded once into the cache (:mod:`corex_cxr.cache`) by :meth:`CxrSource.prepare`, or
+  by the first :meth:`CxrSource.split`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from corex_cxr.cache import RESIZE, CachedImages, CachedItem, CacheBuild, build_cache, cache_settings
+from corex_cxr.dicom import PERCENTILES, Box, transform_boxes
+from corex_cxr.errors import DataError
+from corex_cxr.splits import SPLITS, assign_splits, check_split_options, label_subset, patient_stratum
+
+CLASS_NAMES = ("negative", "typical", "indeterminate", "atypical")
+BadSamplePolicy = Literal["error", "skip"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and what is known about it before decoding."""
+
+    image_id: str
+    study_id: str
+    patient_id: str
+    path: Path
+    label: int  # index into the class names; -1 = unknown
+    has_mask: bool  # whether ``boxes`` is a real annotation (an empty one is a real "no opacity")
+    boxes: tuple[Box, ...] = ()  # x, y, width, height in original pixels
+
+
+class CxrSource:
+    """A :class:`corex.interfaces.DataSource` over a list of :class:`Sample`."""
+
+    class_names = CLASS_NAMES
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        location: Path,
+        image_size: int,
+        seed: int,
+        cache_dir: Path,
+        on_bad_sample: BadSamplePolicy,
+        val_fraction: float,
+        test_fraction: float,
+        folds: int,
+        fold: int,
+        workers: int,
+        class_names: tuple[str, ...] = CLASS_NAMES,
+    ):
+        check_source_options(image_size=image_size, on_bad_sample=on_bad_sample, workers=workers)
+        check_split_options(val_fraction=val_fraction, test_fraction=test_fraction, folds=folds, fold=fold)
+        self.name, self.location, self.class_names = name, Path(location), class_names
+        self.image_size, self.seed, self.workers = image_size, seed, workers
+        self.on_bad_sample = on_bad_sample
+        self._split_options = dict(val_fraction=val_fraction, test_fraction=test_fraction, folds=folds, fold=fold)
+        digest = hashlib.sha1(json.dumps([str(self.location.resolve()), cache_settings(image_size)]).encode())
+        self.cache_path = Path(cache_dir) / "corex_cxr" / f"{name}-{image_size}px-{digest.hexdigest()[:10]}"
+        self._samples: list[Sample] = []
+        self._skipped: list[dict[str, Any]] = []
+        self._split_of: dict[str, str] = {}
+        self._cache: CacheBuild | None = None
+
+    def _accept(self, samples: list[Sample], problems: list[dict[str, Any]]) -> None:
+        """Apply ``on_bad_sample`` to what the layout showed, then split the patients."""
+        if problems and self.on_bad_sample == "error":
+            raise DataError.collected(self.location, problems)
+        if not samples:
+            raise DataError(self.location, "no usable images found")
+        self._samples, self._skipped = samples, list(problems)
+        study_label = {sample.study_id: sample.label for sample in self._samples}
+        patient_studies: dict[str, set[str]] = defaultdict(set)
+        for sample in self._samples:
+            patient_studies[sample.patient_id].add(sample.study_id)
+        strata = {
+            patient: patient_stratum(study_label[study] for study in sorted(studies))
+            for patient, studies in patient_studies.items()
+        }
+        self._split_of = assign_splits(strata, seed=self.seed, **self._split_options)
+
+    # -- the DataSource protocol ---------------------------------------------------------------
+
+    def prepare(self) -> CacheBuild:
+        """Decode every image into the cache now (with a progress bar); reused when up to date."""
+        if self._cache is not None:
+            return self._cache
+        paths = {sample.image_id: sample.path for sample in self._samples}
+        build = build_cache(
+            self.cache_path,
+            paths,
+            self.image_size,
+            workers=self.workers,
+            description=f"{self.name}: decoding to {self.image_size}px cache",
+        )
+        if build.errors:
+            problems = [{"path": str(paths[i]), "reason": reason} for i, reason in sorted(build.errors.items())]
+            if self.on_bad_sample == "error":
+                raise DataError.collected(self.location, problems)
+            self._skipped.extend(problems)
+            self._samples = [sample for sample in self._samples if sample.image_id not in build.errors]
+        self._cache = build
+        return build
+
+    def split(self, name: str, label_fraction: float = 1.0) -> CachedImages:
+        """The images of split ``name``; with ``label_fraction < 1`` a nested subset of its
+        labelled studies (:func:`corex_cxr.splits.label_subset`), every image of a chosen study."""
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {name!r}.")
+        cache = self.prepare()
+        samples = self._in_split(name)
+        if label_fraction != 1.0:
+            chosen = label_subset({s.study_id: s.label for s in samples}, label_fraction, self.seed)
+            samples = [sample for sample in samples if sample.study_id in chosen]
+        items = []
+        for sample in samples:
+            scale, pad_x, pad_y = cache.geometry[sample.image_id]
+            items.append(
+                CachedItem(
+                    slot=cache.slots[sample.image_id],
+                    label=sample.label,
+                    has_mask=sample.has_mask,
+                    boxes=tuple(transform_boxes(sample.boxes, scale, (pad_x, pad_y))),
+                    study_id=sample.study_id,
+                    image_id=sample.image_id,
+                    patient_id=sample.patient_id,
+                )
+            )
+        return CachedImages(cache.array, self.image_size, items)
+
+    def describe(self) -> dict[str, Any]:
+        """Per split: images, studies, patients and studies per class (no decoding needed)."""
+        summary = {}
+        for name in SPLITS:
+            samples = self._in_split(name)
+            study_label = {sample.study_id: sample.label for sample in samples}
+            summary[name] = {
+                "images": len(samples),
+                "studies": len(study_label),
+                "patients": len({sample.patient_id for sample in samples}),
+                "classes": {
+                    class_name: sum(label == index for label in study_label.values())
+                    for index, class_name in enumerate(self.class_names)
+                },
+            }
+        return summary
+
+    def skipped(self) -> list[dict[str, Any]]:
+        """Every sample dropped under ``on_bad_sample: skip``, as ``{"path", "reason"}``."""
+        return list(self._skipped)
+
+    @property
+    def normalization(self) -> dict[str, Any]:
+        """The intensity pipeline, for export metadata (see :mod:`corex_cxr.dicom`)."""
+        return {
+            "range": [0.0, 1.0],
+            "meaning": "0 = air (black), 1 = dense (white), MONOCHROME2",
+            "dicom": [
+                "modality LUT (rescale slope/intercept)",
+                "VOI LUT sequence, else first window center/width, "
+                f"else percentiles {PERCENTILES[0]}-{PERCENTILES[1]} to [0, 1]",
+                "MONOCHROME1 inverted after the VOI",
+            ],
+            "png_jpeg": "divided by the type's maximum (255 or 65535), no windowing",
+            "geometry": RESIZE,
+            "image_size": self.image_size,
+            "cache_dtype": "uint16",
+        }
+
+    def _in_split(self, name: str) -> list[Sample]:
+        return [sample for sample in self._samples if self._split_of[sample.patient_id] == name]
+
+
+def check_source_options(*, image_size: int, on_bad_sample: str, workers: int) -> None:
+    """Raise a specific ``ValueError`` for source options that are well-typed but wrong."""
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8 pixels, got {image_size}.")
+    if on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}.")
+    if workers < 0:
+        raise ValueError(f"workers must be 0 (one per CPU) or more, got {workers}.")
+
+
+__all__ = ["CLASS_NAMES", "BadSamplePolicy", "CxrSource", "Sample"]
