@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from corex.rundir import atomic_write_text
 from corex_cxr.dicom import Box, boxes_to_mask, resize_pad
 from corex_cxr.errors import DataError
 from corex_cxr.images import read_image
@@ -203,9 +204,7 @@ def _create_array(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
 def _save(directory: Path, size: int, array: np.ndarray, array_path: Path, entries: dict[str, Any]) -> None:
     array.flush()  # pixels first: the index must never name pixels that are not on disk
     index = {"settings": cache_settings(size), "array": array_path.name, "entries": entries}
-    temporary = directory / "index.json.tmp"
-    temporary.write_text(json.dumps(index))
-    os.replace(temporary, directory / "index.json")
+    atomic_write_text(directory / "index.json", json.dumps(index))
 
 
 @dataclass(frozen=True)

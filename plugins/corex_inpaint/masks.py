@@ -35,6 +35,16 @@ LUNG_DARK_BOOST = 4.0
 LUNG_GRID = 64
 
 
+def check_mask_options(policy: str, coverage: float, max_regions: int) -> None:
+    """Refuse masking options that cannot work, with the option and value in the message."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
+    if not 0.0 < coverage < 1.0:
+        raise ValueError(f"coverage must lie strictly between 0 and 1, got {coverage}.")
+    if max_regions < 1:
+        raise ValueError(f"max_regions must be at least 1, got {max_regions}.")
+
+
 def random_masks(images: Tensor, policy: Policy, coverage: float, max_regions: int) -> Tensor:
     """Hide about ``coverage`` of each image's pixels with 1 to ``max_regions`` regions.
 
@@ -45,12 +55,7 @@ def random_masks(images: Tensor, policy: Policy, coverage: float, max_regions: i
     (:func:`lung_field_weights`), so the network must reconstruct lung texture, where the
     COVID-19 opacities are, rather than the easy background.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
-    if not 0.0 < coverage < 1.0:
-        raise ValueError(f"coverage must lie strictly between 0 and 1, got {coverage}.")
-    if max_regions < 1:
-        raise ValueError(f"max_regions must be at least 1, got {max_regions}.")
+    check_mask_options(policy, coverage, max_regions)
     batch, _, height, width = images.shape
     device = images.device
     if policy == "strokes":

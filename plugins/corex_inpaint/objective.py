@@ -13,8 +13,6 @@ hidden pixels (and, optionally, with a smaller weight on the visible ones).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -23,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from corex.interfaces import Batch
+from corex.rundir import atomic_path
 from corex_heads.unet import UNetDecoder
-from corex_inpaint.masks import POLICIES, Policy, random_masks
+from corex_inpaint.masks import Policy, check_mask_options, random_masks
 
 FILLS: tuple[str, ...] = ("zero", "mean", "noise")
 LOSSES: tuple[str, ...] = ("l1", "l2")
@@ -97,12 +96,7 @@ class Inpainting(nn.Module):
         decoder_width: int | None = None,
     ):
         super().__init__()
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
-        if not 0.0 < coverage < 1.0:
-            raise ValueError(f"coverage must lie strictly between 0 and 1, got {coverage}.")
-        if max_regions < 1:
-            raise ValueError(f"max_regions must be at least 1, got {max_regions}.")
+        check_mask_options(policy, coverage, max_regions)
         if fill not in FILLS:
             raise ValueError(f"fill must be one of {FILLS}, got {fill!r}.")
         if loss not in LOSSES:
@@ -194,14 +188,6 @@ def _save_grid(columns: Mapping[str, Tensor], path: Path) -> Path:
             axes[row, col].imshow(images[row, 0].float().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             axes[row, col].axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so a reader never sees a half-written PNG.
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".inpaint-", suffix=".png")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            fig.savefig(stream, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as temporary:  # a reader never sees a half-written PNG
+        fig.savefig(temporary, format="png")
     return path
