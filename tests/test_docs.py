@@ -1,4 +1,4 @@
-"""README's promises: CI runs its test command, and the documents it links exist."""
+"""Documentation promises: CI runs the README's test command, linked documents exist, references are complete."""
 
 import re
 from pathlib import Path
@@ -24,3 +24,24 @@ def test_linked_documents_exist():
     readme = (ROOT / "README.md").read_text()
     for link in re.findall(r"\]\(((?:docs)/[^)]+)\)", readme):
         assert (ROOT / link).exists(), link
+
+
+def test_every_hook_is_in_the_hook_reference():
+    from corex import hookspecs
+
+    text = (ROOT / "docs" / "hooks.md").read_text()
+    for name in dir(hookspecs):
+        if name.startswith("corex_"):
+            assert f"`{name}" in text, name
+
+
+def test_every_recipe_key_is_in_the_recipe_reference():
+    import attrs
+
+    from corex.recipe import Data, Recipe, Stage
+
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    for cls in (Recipe, Data, Stage):
+        for field in attrs.fields(cls):
+            if field.name not in {"source", "options", "name"}:
+                assert f"`{field.name}`" in text or f"\n  {field.name}:" in text or f"\n{field.name}:" in text, f"{cls.__name__}.{field.name}"
