@@ -552,17 +552,7 @@ class Runner:
                 if pretrain and fixed_batch is None:
                     fixed_batch = {k: (v[:8] if isinstance(v, (Tensor, list)) else v) for k, v in batch.items()}
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    if pretrain:
-                        out = objective(batch, augment)
-                        loss = out["loss"]
-                        logs = {f"train/{k}": v for k, v in out.items() if k != "loss"}
-                    else:
-                        with torch.no_grad():
-                            batch = augment(batch)
-                        outputs = model(batch["image"], heads)
-                        losses = {h: model.heads[h].loss(outputs[h], batch) for h in heads}
-                        loss = sum(stage.heads[h].weight * losses[h] for h in heads)
-                        logs = {f"train/loss/{h}": v for h, v in losses.items()} if len(heads) > 1 else {}
+                    loss, logs = self._step_loss(stage, batch, augment, objective)
                 if not torch.isfinite(loss):
                     raise CorexError(f"stages.{stage.name}: the loss became {loss.item()} at epoch {epoch}, step {step + 1}; lower the learning rate or check the data")
                 optimizer.zero_grad(set_to_none=True)
@@ -637,6 +627,22 @@ class Runner:
             result["best_epoch"] = best["epoch"]
             result["selected_on"] = stage.select.metric
         return result
+
+    def _step_loss(self, stage: Stage, batch: dict[str, Any], augment: Callable, objective: nn.Module | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of one training step, and the extra scalars to log.
+
+        A pretrain stage hands the batch and the augmentation to its objective (which may make
+        several views); a train stage augments once and sums the heads' weighted losses.
+        """
+        if objective is not None:
+            out = objective(batch, augment)
+            return out["loss"], {f"train/{k}": v for k, v in out.items() if k != "loss"}
+        with torch.no_grad():
+            batch = augment(batch)
+        outputs = self.model(batch["image"], list(stage.heads))
+        losses = {h: self.model.heads[h].loss(outputs[h], batch) for h in stage.heads}
+        loss = sum(stage.heads[h].weight * losses[h] for h in stage.heads)
+        return loss, ({f"train/loss/{h}": v for h, v in losses.items()} if len(losses) > 1 else {})
 
     def evaluate(self, loader: DataLoader, heads: list[str], evaluators: list[tuple[str, Any]], stage: Stage, artefacts: Path | None = None):
         # Each head's weight from the latest train stage so far that defines it, as it was trained.
