@@ -706,7 +706,10 @@ def evaluate_loader(
         outputs = {k: v.detach().float() for k, v in outputs.items()}
         for path, evaluator in evaluators:
             try:
-                evaluator.update(batch, outputs)
+                if getattr(evaluator, "needs_model", False):  # e.g. saliency: gradients through the model
+                    evaluator.update(batch, outputs, model=model)
+                else:
+                    evaluator.update(batch, outputs)
             except KeyError as exc:
                 raise CorexError(f"{path}: reads the output of head {exc}, but the model's heads are {', '.join(heads) or 'none'}") from exc
     metrics: dict[str, float] = {}

@@ -93,6 +93,10 @@ class Evaluator(Protocol):
     unique across evaluators of one stage, so prefix them if they could collide.
     ``reset()`` clears state. Optional: ``intervals() -> {metric: (low, high)}`` confidence
     intervals, and ``save(out_dir)`` to write artefacts (plots, tables, per-sample predictions).
+    An evaluator that must look inside the model (saliency) sets ``needs_model = True`` and is
+    called as ``update(batch, outputs, model=model)`` with the model in eval mode, under
+    ``torch.no_grad()`` (use ``torch.enable_grad()`` for gradients); ``model(images, [head])``
+    returns ``{head: output}`` and ``model.encoder(images)`` the pyramid.
     """
 
     def update(self, batch: Batch, outputs: Mapping[str, Tensor]) -> None: ...

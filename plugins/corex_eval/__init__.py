@@ -6,20 +6,26 @@
 * ``segmentation``: per-image Dice and IoU of the opacity masks, over all annotated images and over
   those with an opacity; a gallery of predicted outlines.
 
-Saliency (does the classifier look at the opacity?) needs the model, not only its outputs, and is
-left for a later evaluator.
+* ``localization``: where the classifier looks: Grad-CAM of the true class against the opacity
+  masks (pointing game, share of saliency inside the mask), with intervals and an overlay gallery.
+  It sets ``needs_model``, so the engine hands it the model as well as the outputs.
 """
 
 from __future__ import annotations
 
 from corex import hookimpl
 from corex_eval.classification import ClassificationEvaluator
+from corex_eval.localization import LocalizationEvaluator
 from corex_eval.segmentation import SegmentationEvaluator
 
 
 @hookimpl
 def corex_evaluators():
-    return {"classification": ClassificationEvaluator, "segmentation": SegmentationEvaluator}
+    return {
+        "classification": ClassificationEvaluator,
+        "segmentation": SegmentationEvaluator,
+        "localization": LocalizationEvaluator,
+    }
 
 
-__all__ = ["ClassificationEvaluator", "SegmentationEvaluator", "corex_evaluators"]
+__all__ = ["ClassificationEvaluator", "LocalizationEvaluator", "SegmentationEvaluator", "corex_evaluators"]

@@ -1,0 +1,249 @@
+"""Tests of the localization (Grad-CAM) evaluator: the scores on hand-made maps, Grad-CAM itself on
+tiny real models, which images are scored, and a run through the real engine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import corex
+import corex_eval
+from corex.engine import CorexModel
+from corex.interfaces import Evaluator
+from corex_encoders import resnet18
+from corex_eval.localization import LocalizationEvaluator, localization_scores
+from corex_heads.classification import ClassificationHead
+
+CLASSES = ["negative", "typical", "indeterminate", "atypical"]
+
+
+def tiny_model(seed: int = 0) -> CorexModel:
+    torch.manual_seed(seed)
+    encoder = resnet18(width=8)
+    head = ClassificationHead(channels=encoder.channels, num_classes=len(CLASSES))
+    return CorexModel(encoder, {"classification": head}).eval()
+
+
+def patterned_squares(n: int, size: int, side: int, generator: torch.Generator) -> dict:
+    """Class 0 is noise only; class k > 0 is a square with pattern k (filled, horizontal or
+    vertical stripes) at a random place, and the square is the mask. The class is in the square's
+    content, not its position, so the evidence for it is local."""
+    y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    patterns = [None, torch.ones(side, side), (y // 2 % 2).float(), (x // 2 % 2).float()]
+    labels = torch.arange(n) % 4
+    images = torch.rand(n, 1, size, size, generator=generator) * 0.1
+    masks = torch.zeros(n, 1, size, size)
+    for i, label in enumerate(labels.tolist()):
+        if label:
+            top, left = torch.randint(0, size - side + 1, (2,), generator=generator).tolist()
+            images[i, 0, top : top + side, left : left + side] += 0.8 * patterns[label]
+            masks[i, 0, top : top + side, left : left + side] = 1.0
+    return {
+        "image": images.clamp(0, 1),
+        "label": labels,
+        "mask": masks,
+        "has_mask": torch.ones(n, dtype=torch.bool),
+        "image_id": [f"i{i}" for i in range(n)],
+    }
+
+
+def evaluate(model: CorexModel, batch: dict, **options) -> LocalizationEvaluator:
+    """One update the way the engine makes it: eval mode, under no_grad."""
+    evaluator = LocalizationEvaluator(class_names=CLASSES, **options)
+    with torch.no_grad():
+        evaluator.update(batch, {}, model=model)
+    return evaluator
+
+
+# -- the scores on hand-made maps ----------------------------------------------------------------
+
+
+def test_pointing_game_hits_when_the_maximum_is_inside_the_mask():
+    masks = torch.zeros(4, 1, 4, 4, dtype=torch.bool)
+    masks[:, :, :2, :2] = True  # top-left quarter
+    saliency = torch.zeros(4, 1, 4, 4)
+    saliency[0, 0, 1, 1] = 1.0  # maximum inside
+    saliency[1, 0, 3, 3] = 1.0  # maximum outside
+    saliency[2, 0, 0, 0] = saliency[2, 0, 3, 3] = 1.0  # two maxima, one inside: half a hit
+    saliency[1, 0, 0, 0] = 0.5  # a lesser peak inside does not count
+    # saliency[3] is all zero: treated as uniform, it scores the mask's area
+    hits, _ = localization_scores(saliency, masks)
+    assert hits.tolist() == [1.0, 0.0, 0.5, 0.25]
+
+
+def test_saliency_in_mask_is_the_share_of_the_maps_sum_inside_the_mask():
+    masks = torch.zeros(3, 1, 2, 2)
+    masks[:, 0, 0, :] = 1.0  # top row
+    saliency = torch.tensor(
+        [
+            [[0.5, 1.0], [0.25, 0.25]],  # 1.5 of 2.0 inside
+            [[0.0, 0.0], [1.0, 0.5]],  # nothing inside
+            [[0.0, 0.0], [0.0, 0.0]],  # uniform: the mask's area, 1/2
+        ]
+    )[:, None]
+    _, energy = localization_scores(saliency, masks)
+    assert energy.tolist() == [0.75, 0.0, 0.5]
+
+
+def test_negative_saliency_is_refused():
+    with pytest.raises(ValueError, match="non-negative"):
+        localization_scores(-torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+
+
+# -- Grad-CAM ------------------------------------------------------------------------------------
+
+
+def test_grad_cam_equals_cam_for_a_pooled_linear_head():
+    # With global average pooling and a linear layer, d logit_k / d A_c is w_kc / (h w) at every
+    # position, so Grad-CAM at the deepest level is CAM (Zhou et al. 2016) up to scale.
+    model = tiny_model()
+    images, labels = torch.rand(3, 1, 96, 96), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        cam = LocalizationEvaluator(class_names=CLASSES).grad_cam(model, images, labels)
+        deepest = model.encoder(images)[-1]
+        weights = model.heads["classification"].fc.weight[labels]
+        expected = torch.relu(torch.einsum("bc,bchw->bhw", weights, deepest))[:, None]
+        expected = F.interpolate(expected, size=(96, 96), mode="bilinear", align_corners=False)
+        expected /= expected.flatten(1).amax(1)[:, None, None, None]
+    assert deepest.shape[-1] == 3  # a real map, not a single pixel
+    torch.testing.assert_close(cam, expected)
+    assert cam.shape == (3, 1, 96, 96)
+    assert cam.min() >= 0 and cam.flatten(1).amax(1).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_grad_cam_of_a_trained_model_points_at_the_evidence():
+    generator = torch.Generator().manual_seed(1)
+    model = tiny_model(seed=1)
+    held_out = patterned_squares(48, size=64, side=24, generator=generator)
+    # level -3 (stride 8) gives 8x8 maps at 64 px; the deepest is 2x2, too coarse for the boxes.
+    untrained = evaluate(model, held_out, level=-3).compute()
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        batch = patterned_squares(16, size=64, side=24, generator=generator)
+        loss = model.heads["classification"].loss(model(batch["image"])["classification"], batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    trained = evaluate(model, held_out, level=-3).compute()
+
+    assert trained["n_localized"] == untrained["n_localized"] == 36  # the 12 negatives are not scored
+    assert trained["pointing_game"] > 0.7
+    assert trained["pointing_game"] > untrained["pointing_game"] + 0.3
+    assert trained["saliency_in_mask"] > 2 * trained["mask_area"]
+    assert trained["saliency_in_mask"] > untrained["saliency_in_mask"] + 0.1
+
+
+def test_evaluation_leaves_the_model_untouched():
+    model = tiny_model()
+    batch = patterned_squares(8, size=32, side=12, generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluator = evaluate(model, batch, level=-2)
+    assert evaluator.compute()["n_localized"] == 6
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training and not any(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    # A frozen encoder still gives maps: the gradient is taken with respect to the features.
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    frozen = evaluate(model, batch, level=-2).compute()
+    assert frozen == evaluator.compute()
+
+
+# -- which images are scored ---------------------------------------------------------------------
+
+
+def test_only_annotated_positive_images_with_an_opacity_are_scored():
+    model = tiny_model()
+    batch = patterned_squares(6, size=32, side=12, generator=torch.Generator().manual_seed(0))
+    batch["label"] = torch.tensor([-1, 0, 2, 3, 1, 2])
+    batch["mask"].zero_()
+    batch["mask"][:, :, :12, :12] = 1.0  # every image has the same opacity ...
+    batch["mask"][3] = 0.0  # ... but image 3, which is empty
+    batch["has_mask"] = torch.tensor([True, True, False, True, True, True])
+    evaluator = evaluate(model, batch, level=-2, max_examples=1)
+    metrics = evaluator.compute()
+    assert metrics["n_localized"] == 2  # images 4 and 5
+    assert metrics["mask_area"] == pytest.approx(144 / 1024)
+    assert 0.0 <= metrics["pointing_game"] <= 1.0 and 0.0 <= metrics["saliency_in_mask"] <= 1.0
+    assert [e["image_id"] for e in evaluator._examples] == ["i4"]
+
+    evaluator.update({**batch, "label": torch.tensor([-1, 0, 0, 0, -1, 0])}, {}, model=model)
+    assert evaluator.compute()["n_localized"] == 2  # a batch with nothing to score adds nothing
+    evaluator.reset()
+    assert evaluator.compute()["n_localized"] == 0
+
+
+def test_nothing_scored_gives_nan_no_intervals_and_no_figure(tmp_path):
+    evaluator = LocalizationEvaluator(class_names=CLASSES)
+    metrics = evaluator.compute()
+    assert metrics["n_localized"] == 0
+    assert all(math.isnan(metrics[k]) for k in ("pointing_game", "saliency_in_mask", "mask_area"))
+    assert evaluator.intervals() == {}
+    evaluator.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_intervals_are_seeded_percentile_bootstraps_of_the_images():
+    evaluator = LocalizationEvaluator(class_names=CLASSES)
+    evaluator._hits = [torch.tensor([1.0, 1.0, 0.0, 1.0])]
+    evaluator._energy = [torch.full((4,), 0.4)]
+    evaluator._area = [torch.full((4,), 0.1)]
+    intervals = evaluator.intervals()
+    assert intervals["saliency_in_mask"] == pytest.approx((0.4, 0.4))  # no spread to resample
+    low, high = intervals["pointing_game"]
+    assert 0.0 <= low < 0.75 < high == 1.0
+    assert evaluator.intervals() == intervals
+    assert LocalizationEvaluator(class_names=CLASSES, seed=1).intervals() == {}  # nothing scored
+    evaluator.bootstrap = 0
+    assert evaluator.intervals() == {}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_examples": -1}, "max_examples must be 0"),
+        ({"bootstrap": -5}, "bootstrap must be 0"),
+        ({"class_names": ["only"]}, "at least 2 classes"),
+    ],
+)
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        LocalizationEvaluator(**{"class_names": CLASSES, **options})
+
+
+def test_bad_level_or_head_is_named():
+    model = tiny_model()
+    batch = patterned_squares(4, size=32, side=12, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="level 5 is outside the encoder's 5 pyramid levels"):
+        evaluate(model, batch, level=5)
+    with pytest.raises(ValueError, match="head 'classifier' is not among the model's heads"):
+        evaluate(model, batch, head="classifier")
+
+
+# -- registration and the real engine ------------------------------------------------------------
+
+
+def test_registered_as_an_evaluator_that_needs_the_model():
+    assert corex_eval.corex_evaluators()["localization"] is LocalizationEvaluator
+    evaluator = LocalizationEvaluator(class_names=CLASSES)
+    assert isinstance(evaluator, Evaluator) and evaluator.needs_model
+
+
+def test_runs_in_an_evaluate_stage_of_the_engine(tiny_recipe, tmp_path):
+    tiny_recipe["stages"]["train"]["epochs"] = 1
+    tiny_recipe["stages"]["test"]["evaluators"].append({"name": "localization", "level": -2})
+    results = corex.run(corex.load_recipe(tiny_recipe), out=tmp_path / "r", progress=False)
+    test = results["stages"]["test"]
+    assert 0.0 <= test["metrics"]["pointing_game"] <= 1.0
+    assert 0.0 <= test["metrics"]["saliency_in_mask"] <= 1.0
+    assert test["metrics"]["n_localized"] == 24  # the toy test split: 32 studies, 8 negatives
+    low, high = test["intervals"]["pointing_game"]
+    assert low <= test["metrics"]["pointing_game"] <= high
+    assert (tmp_path / "r" / "test" / "saliency_examples.png").stat().st_size > 0
