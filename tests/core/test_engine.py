@@ -171,3 +171,24 @@ def test_python_api_building_blocks(tiny_recipe, tmp_path):
                                         evaluators=[{"name": "classification", "bootstrap": 20}, "segmentation"])
     assert metrics["n"] == 32 and 0.0 <= metrics["dice"] <= 1.0
     assert "macro_f1" in intervals
+
+
+def test_mixed_precision_path_trains_and_evaluates(tiny_recipe, tmp_path):
+    """bf16 autocast (what `amp: auto` picks on recent GPUs) through heads, losses and evaluators."""
+    tiny_recipe["stages"]["train"]["epochs"] = 1
+    tiny_recipe["stages"]["train"]["amp"] = "bf16"
+    tiny_recipe["stages"]["train"]["grad_clip"] = 1.0
+    tiny_recipe["stages"]["test"]["amp"] = "bf16"
+    results = run(tiny_recipe, tmp_path / "r")
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows)
+    assert 0.0 <= results["stages"]["test"]["metrics"]["macro_f1"] <= 1.0
+
+
+def test_autocast_choice_per_device():
+    from corex.engine import autocast_dtype
+    from corex.recipe import Stage
+
+    assert autocast_dtype(Stage(name="s", kind="train"), torch.device("cpu")) is None  # float32 on CPU
+    assert autocast_dtype(Stage(name="s", kind="train", amp="fp16"), torch.device("cpu")) is torch.float16
+    assert autocast_dtype(Stage(name="s", kind="train", amp="off"), torch.device("cuda")) is None
