@@ -39,6 +39,7 @@ def arm_recipe(arm: str, seed: int, fraction: float, pretrained: Path | None, se
     if pretrained is not None:  # reuse the objective's pre-training of this seed
         recipe["stages"].pop("pretrain")
         finetune["encoder_from"] = str(pretrained)
+        sets = [s for s in sets if not s.startswith("stages.pretrain.")]  # that stage is gone
     return corex.load_recipe(recipe, sets)
 
 
@@ -53,13 +54,15 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
-    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra overrides for every run")
+    parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    parser.add_argument("--set", dest="sets", action="append", default=[],
+                        help="extra overrides for every run, e.g. stages.finetune.freeze=true for linear probes")
     args = parser.parse_args()
 
     rows = []
     for seed in args.seeds:
         pretrained: dict[str, tuple[Path, float]] = {}
-        for arm in ARMS:
+        for arm in args.arms:
             objective = arm.split("_")[0] if not arm.endswith("scratch") else None
             for fraction in sorted(args.fractions, reverse=True):
                 out = args.out / f"{arm}-f{fraction:g}-s{seed}"
@@ -86,7 +89,7 @@ def main() -> None:
     (args.out / "study.json").write_text(json.dumps(rows, indent=2))
     table = ["| arm | label fraction | test macro-F1 (mean ± sd over seeds) | per seed [95% CI] | AUROC | Dice | pre-training s | fine-tuning s |",
              "|---|---|---|---|---|---|---|---|"]
-    for arm in ARMS:
+    for arm in args.arms:
         for fraction in args.fractions:
             group = [r for r in rows if r["arm"] == arm and r["fraction"] == fraction]
             f1 = [r["macro_f1"] for r in group]

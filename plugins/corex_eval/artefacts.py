@@ -9,8 +9,9 @@ backend and never touches pyplot's global state or a display.
 from __future__ import annotations
 
 import csv
+import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +43,29 @@ def save_figure(figure: Figure, path: Path) -> None:
 def number(value: float) -> str:
     """Format a float for a CSV cell: six significant digits, ``nan`` for missing values."""
     return f"{value:.6g}"
+
+
+def short_id(identifier: object) -> str:
+    """An image id short enough for a panel title (DICOM UIDs run to 64 characters)."""
+    name = str(identifier)
+    return name if len(name) <= 20 else "…" + name[-19:]
+
+
+def save_gallery(path: Path, examples: Sequence[dict[str, Any]], draw: Callable[[Any, dict[str, Any]], str], title: str) -> None:
+    """A grid of example radiographs, four a row, written atomically.
+
+    Each panel shows ``example["image"]`` in grey; ``draw(axes, example)`` adds the overlays and
+    returns the caption shown under the image id.
+    """
+    columns = min(4, len(examples))
+    rows = math.ceil(len(examples) / columns)
+    figure = Figure(figsize=(3 * columns, 3.3 * rows), layout="constrained")
+    grid = figure.subplots(rows, columns, squeeze=False)
+    for axes in grid.flat:
+        axes.set_axis_off()
+    for axes, example in zip(grid.flat, examples):
+        axes.imshow(example["image"], cmap="gray", vmin=0, vmax=1)
+        caption = draw(axes, example)
+        axes.set_title(f"{short_id(example['image_id'])}\n{caption}", fontsize=8)
+    figure.suptitle(title)
+    save_figure(figure, path)

@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import Tensor
 
-from corex_eval.artefacts import save_figure
+from corex_eval.artefacts import save_gallery
 
 INTERVAL_METRICS = ("pointing_game", "saliency_in_mask")
 
@@ -181,26 +180,18 @@ class LocalizationEvaluator:
         """Write ``saliency_examples.png`` (nothing when no image was scored)."""
         if not self._examples:
             return
-        columns = min(4, len(self._examples))
-        rows = math.ceil(len(self._examples) / columns)
-        figure = Figure(figsize=(3 * columns, 3.3 * rows), layout="constrained")
-        grid = figure.subplots(rows, columns, squeeze=False)
-        for axes in grid.flat:
-            axes.set_axis_off()
-        for axes, example in zip(grid.flat, self._examples):
-            axes.imshow(example["image"], cmap="gray", vmin=0, vmax=1)
-            axes.imshow(example["saliency"], cmap="jet", vmin=0, vmax=1, alpha=0.45)
-            axes.contour(example["mask"], levels=[0.5], colors="lime", linewidths=1)
-            name = str(example["image_id"])
-            name = name if len(name) <= 20 else "…" + name[-19:]  # DICOM UIDs run to 64 characters
-            if not example["saliency"].any():
-                verdict = "empty map"
-            else:
-                verdict = "hit" if example["hit"] == 1 else "miss" if example["hit"] == 0 else "tied maxima"
-            title = f"{name} ({example['class']})\n{verdict}, {example['energy']:.0%} in mask"
-            axes.set_title(title, fontsize=8)
-        figure.suptitle("Grad-CAM of the true class; opacity mask outlined in green")
-        save_figure(figure, Path(out_dir) / "saliency_examples.png")
+        save_gallery(Path(out_dir) / "saliency_examples.png", self._examples, _draw_saliency,
+                     "Grad-CAM of the true class; opacity mask outlined in green")
+
+
+def _draw_saliency(axes: Any, example: dict[str, Any]) -> str:
+    axes.imshow(example["saliency"], cmap="jet", vmin=0, vmax=1, alpha=0.45)
+    axes.contour(example["mask"], levels=[0.5], colors="lime", linewidths=1)
+    if not example["saliency"].any():
+        verdict = "empty map"
+    else:
+        verdict = "hit" if example["hit"] == 1 else "miss" if example["hit"] == 0 else "tied maxima"
+    return f"({example['class']}) {verdict}, {example['energy']:.0%} in mask"
 
 
 def localization_scores(saliency: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:

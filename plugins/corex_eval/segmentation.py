@@ -9,10 +9,9 @@ from typing import Any
 
 import torch
 import torchmetrics.functional.segmentation as tms
-from matplotlib.figure import Figure
 from torch import Tensor
 
-from corex_eval.artefacts import save_figure
+from corex_eval.artefacts import save_gallery
 
 GALLERY_SIZE = 8
 
@@ -104,22 +103,15 @@ class SegmentationEvaluator:
         """Write ``segmentation_examples.png`` (nothing when no annotated sample was seen)."""
         if not self._gallery:
             return
-        columns = min(4, len(self._gallery))
-        rows = math.ceil(len(self._gallery) / columns)
-        figure = Figure(figsize=(3 * columns, 3.2 * rows), layout="constrained")
-        grid = figure.subplots(rows, columns, squeeze=False)
-        for axes in grid.flat:
-            axes.set_axis_off()
-        for axes, example in zip(grid.flat, self._gallery):
-            axes.imshow(example["image"], cmap="gray", vmin=0, vmax=1)
-            for key, colour in (("target", "lime"), ("predicted", "red")):
-                if example[key].any():  # contour() of a constant mask only warns
-                    axes.contour(example[key], levels=[0.5], colors=colour, linewidths=1)
-            name = str(example["image_id"])
-            name = name if len(name) <= 20 else "…" + name[-19:]  # DICOM UIDs run to 64 characters
-            axes.set_title(f"{name}\nDice {example['dice']:.2f}", fontsize=8)
-        figure.suptitle("target (green) and predicted (red) opacity outlines")
-        save_figure(figure, Path(out_dir) / "segmentation_examples.png")
+        save_gallery(Path(out_dir) / "segmentation_examples.png", self._gallery, _draw_outlines,
+                     "target (green) and predicted (red) opacity outlines")
+
+
+def _draw_outlines(axes: Any, example: dict[str, Any]) -> str:
+    for key, colour in (("target", "lime"), ("predicted", "red")):
+        if example[key].any():  # contour() of a constant mask only warns
+            axes.contour(example[key], levels=[0.5], colors=colour, linewidths=1)
+    return f"Dice {example['dice']:.2f}"
 
 
 def dice_and_iou(predicted: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
