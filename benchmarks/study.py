@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=Path("runs/study"))
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    parser.add_argument("--reuse-pretraining", type=Path, metavar="DIR",
+                        help="take each objective's pre-trained encoder from an earlier study's OUT instead of pre-training")
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         help="extra overrides for every run, e.g. stages.finetune.freeze=true for linear probes")
     args = parser.parse_args()
@@ -64,6 +66,10 @@ def main() -> None:
         pretrained: dict[str, tuple[Path, float]] = {}
         for arm in args.arms:
             objective = arm.split("_")[0] if not arm.endswith("scratch") else None
+            if objective and objective not in pretrained and args.reuse_pretraining:
+                earlier = next(args.reuse_pretraining.glob(f"{objective}_*-s{seed}/checkpoints/pretrain/model.pt"))
+                earlier_results = json.loads((earlier.parents[2] / "results.json").read_text())
+                pretrained[objective] = (earlier, earlier_results["stages"]["pretrain"]["time_s"])
             for fraction in sorted(args.fractions, reverse=True):
                 out = args.out / f"{arm}-f{fraction:g}-s{seed}"
                 reuse = pretrained.get(objective) if objective else None
