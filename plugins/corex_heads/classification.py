@@ -18,6 +18,11 @@ class ClassificationHead(nn.Module):
     cross-entropy on a pooled ResNet/DenseNet feature. ``class_weights`` re-weight the
     cross-entropy per class (e.g. against the rarity of "atypical"); ``label_smoothing`` is
     torch's (Szegedy et al. 2016). Samples with ``label == -1`` carry no target and are ignored.
+
+    ``feature_norm`` standardises the pooled features with a batch norm that has no affine
+    parameters before the linear layer, as MAE's linear evaluation does (He et al. 2022): a linear
+    probe on a frozen encoder otherwise faces features of arbitrary scale and, with an ordinary
+    learning rate, learns little more than the class prior. Use it for ``freeze: true`` stages.
     """
 
     task = "classification"
@@ -30,6 +35,7 @@ class ClassificationHead(nn.Module):
         dropout: float = 0.0,
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
+        feature_norm: bool = False,
     ):
         super().__init__()
         if num_classes < 2:
@@ -54,13 +60,14 @@ class ClassificationHead(nn.Module):
         self.register_buffer("class_weights", weights, persistent=False)
         self.label_smoothing = label_smoothing
         self.num_classes = num_classes
+        self.norm = nn.BatchNorm1d(channels[-1], affine=False) if feature_norm else nn.Identity()
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels[-1], num_classes)
 
     def forward(self, features: list[Tensor]) -> Tensor:
         # A mean, not AdaptiveAvgPool2d, whose CUDA backward fails under deterministic algorithms.
         pooled = features[-1].mean(dim=(2, 3))
-        return self.fc(self.dropout(pooled))
+        return self.fc(self.dropout(self.norm(pooled)))
 
     def loss(self, logits: Tensor, batch: Batch) -> Tensor:
         """Cross-entropy over the labelled samples; a graph-carrying zero when there are none."""

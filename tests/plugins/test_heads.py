@@ -185,3 +185,19 @@ def test_tiny_model_overfits_eight_images(encoder):
         losses.append(loss.item())
     assert losses[0] > 1.0  # about log(4) at the start
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_feature_norm_standardises_pooled_features_for_linear_probes():
+    from corex_heads.classification import ClassificationHead
+
+    torch.manual_seed(0)
+    head = ClassificationHead(channels=(4, 8), num_classes=4, feature_norm=True)
+    features = [torch.randn(16, 4, 8, 8), 100 + 50 * torch.randn(16, 8, 2, 2)]  # far from unit scale
+    head.train()
+    head(features)
+    pooled = features[-1].mean(dim=(2, 3))
+    normed = head.norm(pooled)
+    assert torch.allclose(normed.mean(0), torch.zeros(8), atol=1e-4)
+    assert torch.allclose(normed.std(0, unbiased=False), torch.ones(8), atol=1e-2)
+    assert not any(p.requires_grad for p in head.norm.parameters())  # no affine: a pure standardiser
+    assert isinstance(ClassificationHead(channels=(4, 8), num_classes=4).norm, torch.nn.Identity)
