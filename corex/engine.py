@@ -39,6 +39,8 @@ from corex.recipe import Component, Recipe, Stage
 DEFAULT_CACHE = Path(os.environ.get("COREX_CACHE", "~/.cache/corex")).expanduser()
 # Tolerance of the first-batch intensity check: resampling may overshoot [0, 1] a little.
 INTENSITY_SLACK = 0.05
+# Training losses are read back from the device (a synchronisation) once per this many steps.
+SYNC_EVERY = 10
 
 
 @attrs.define
@@ -538,7 +540,7 @@ class Runner:
                 model.encoder.eval()  # a linear probe keeps the encoder's batch-norm statistics
             if objective is not None:
                 objective.train()
-            sums: dict[str, float] = {}
+            sums: dict[str, Tensor] = {}
             seen = 0
             started = time.perf_counter()
             bar = _progress(steps, f"{stage.name} {epoch}/{stage.epochs}", self.progress)
@@ -553,8 +555,6 @@ class Runner:
                     fixed_batch = {k: (v[:8] if isinstance(v, (Tensor, list)) else v) for k, v in batch.items()}
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     loss, logs = self._step_loss(stage, batch, augment, objective)
-                if not torch.isfinite(loss):
-                    raise CorexError(f"stages.{stage.name}: the loss became {loss.item()} at epoch {epoch}, step {step + 1}; lower the learning rate or check the data")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if stage.grad_clip:
@@ -565,15 +565,20 @@ class Runner:
                 schedule.step()
                 n = batch["image"].shape[0]
                 seen += n
-                sums["train/loss"] = sums.get("train/loss", 0.0) + loss.item() * n
-                for key, value in logs.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.detach() if isinstance(value, Tensor) else value) * n
+                # Summed on the device; read back every SYNC_EVERY steps, not every step (a GPU sync).
+                for key, value in {"train/loss": loss, **logs}.items():
+                    value = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
+                    sums[key] = sums.get(key, 0.0) + value * n
                 bar.update(1)
-                bar.set_postfix(loss=f"{sums['train/loss'] / seen:.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+                if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
+                    running = float(sums["train/loss"]) / seen
+                    if not math.isfinite(running):
+                        raise CorexError(f"stages.{stage.name}: the loss became {running} by epoch {epoch}, step {step + 1}; lower the learning rate or check the data")
+                    bar.set_postfix(loss=f"{running:.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
             bar.close()
             elapsed = time.perf_counter() - started
             images_per_s = seen / elapsed if elapsed > 0 else 0.0
-            row: dict[str, Any] = {"stage": stage.name, "epoch": epoch, **{k: v / max(seen, 1) for k, v in sums.items()}}
+            row: dict[str, Any] = {"stage": stage.name, "epoch": epoch, **{k: float(v) / max(seen, 1) for k, v in sums.items()}}
             row["lr"] = optimizer.param_groups[0]["lr"]
             row["images_per_s"] = images_per_s
             row["train_time_s"] = elapsed

@@ -192,3 +192,11 @@ def test_autocast_choice_per_device():
     assert autocast_dtype(Stage(name="s", kind="train"), torch.device("cpu")) is None  # float32 on CPU
     assert autocast_dtype(Stage(name="s", kind="train", amp="fp16"), torch.device("cpu")) is torch.float16
     assert autocast_dtype(Stage(name="s", kind="train", amp="off"), torch.device("cuda")) is None
+
+
+def test_a_diverging_loss_stops_the_run_with_a_message(tiny_recipe, tmp_path):
+    tiny_recipe["stages"]["train"]["epochs"] = 1
+    tiny_recipe["optimizer"]["lr"] = 1e12  # diverges within a few steps
+    tiny_recipe["stages"]["train"]["heads"]["segmentation"]["weight"] = 0.0
+    with pytest.raises(CorexError, match=r"stages.train: the loss became (nan|inf) by epoch 1, step \d+; lower the learning rate"):
+        run(tiny_recipe, tmp_path / "r")
