@@ -128,7 +128,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from corex.engine import build_data, check_components
 
         source = build_data(recipe)
-        check_components(recipe, list(source.class_names), Registry())
+        check_components(recipe, source, Registry())
     stages = ", ".join(f"{s.name} ({s.kind})" for s in recipe.stages.values())
     print(f"{args.recipe}: valid; stages: {stages}")
     return 0

@@ -137,11 +137,12 @@ def build_augment(stage: Stage, registry: Registry) -> Callable[[dict], dict]:
     return build_component(registry, "augmentations", stage.augment, f"stages.{stage.name}.augment")
 
 
-def check_components(recipe: Recipe, class_names: list[str], registry: Registry) -> CorexModel:
+def check_components(recipe: Recipe, source: Any, registry: Registry) -> CorexModel:
     """Build the model and, once, every stage's augmentation, evaluators and objective, so that the
     plugins' own checks (a Kornia op that does not exist, a queue size that does not divide the
     batch) are all reported together before any training starts. Returns the model."""
     problems: list[str] = []
+    class_names = list(source.class_names)
     model = encoder = None
     try:
         model = build_model(recipe, len(class_names), registry)
@@ -154,6 +155,7 @@ def check_components(recipe: Recipe, class_names: list[str], registry: Registry)
             builders.append(lambda: build_component(
                 registry, "objectives", stage.objective, f"stages.{stage.name}.objective", encoder=encoder,
                 channels=tuple(encoder.channels), strides=tuple(encoder.strides), batch_size=recipe.stage_batch_size(stage),
+                dataset_size=len(source.split("train")),
             ))
         for build in builders:
             try:
@@ -383,7 +385,7 @@ class Runner:
         seed_everything(self.recipe.seed, self.recipe.deterministic)
         self.source = build_data(self.recipe, self.registry)
         self.class_names = list(self.source.class_names)
-        self.model = check_components(self.recipe, self.class_names, self.registry)
+        self.model = check_components(self.recipe, self.source, self.registry)
         self.model.to(self.device)
         if self.recipe.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -489,6 +491,8 @@ class Runner:
         heads = list(stage.heads)
         batch_size = recipe.stage_batch_size(stage)
         augment = build_augment(stage, self.registry)
+        label_fraction = 1.0 if pretrain else recipe.data.label_fraction
+        train_loader = self._loader("train", stage, shuffle=True, label_fraction=label_fraction)
         # Transfer first: an objective may copy the encoder when built (MoCo's key encoder).
         self._start_encoder(stage)
         objective = None
@@ -496,16 +500,15 @@ class Runner:
             objective = build_component(
                 self.registry, "objectives", stage.objective, f"stages.{stage.name}.objective",
                 encoder=model.encoder, channels=tuple(model.encoder.channels), strides=tuple(model.encoder.strides), batch_size=batch_size,
+                dataset_size=len(train_loader.dataset),
             ).to(device)
         evaluators = [] if pretrain else build_evaluators(stage, self.class_names, self.registry)
-        label_fraction = 1.0 if pretrain else recipe.data.label_fraction
         model.encoder.requires_grad_(not stage.freeze)
         modules: list[nn.Module] = [model.encoder] + [model.heads[h] for h in heads] + ([objective] if objective is not None else [])
         params = list({id(p): p for m in modules for p in m.parameters() if p.requires_grad}.values())
         if not params:
             raise CorexError(f"stages.{stage.name}: nothing to train (the encoder is frozen and there are no heads)")
         optimizer = make_optimizer(params, recipe.stage_optimizer(stage))
-        train_loader = self._loader("train", stage, shuffle=True, label_fraction=label_fraction)
         steps = len(train_loader) if stage.max_steps_per_epoch is None else min(len(train_loader), stage.max_steps_per_epoch)
         schedule = make_schedule(optimizer, recipe.stage_schedule(stage), steps, stage.epochs)
         dtype = autocast_dtype(stage, device)

@@ -49,7 +49,7 @@ def corex_objectives() -> Mapping[str, Factory]:
     """Name self-supervised objective factories.
 
     Each factory returns an :class:`~corex.interfaces.Objective`. The core passes the shared
-    encoder as ``encoder`` (plus ``channels``, ``strides``, ``batch_size`` where the factory's
+    encoder as ``encoder`` (plus ``channels``, ``strides``, ``batch_size``, ``dataset_size`` where the factory's
     signature asks for them). Recipe key: ``stages.<name>.objective`` of a ``pretrain`` stage.
     """
 

@@ -27,7 +27,7 @@ from corex.plugins import Registry
 INJECTED: dict[str, tuple[str, ...]] = {
     "encoders": (),
     "heads": ("channels", "strides", "num_classes"),
-    "objectives": ("encoder", "channels", "strides", "batch_size"),
+    "objectives": ("encoder", "channels", "strides", "batch_size", "dataset_size"),
     "evaluators": ("class_names",),
     "augmentations": (),
     "datasets": ("image_size", "seed", "cache_dir"),

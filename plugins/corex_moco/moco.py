@@ -25,6 +25,7 @@ each of them against the paper's text.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import chain
 
@@ -63,6 +64,9 @@ def projection_head(in_features: int, hidden_dim: int, projection_dim: int) -> n
         nn.Linear(hidden_dim, projection_dim),
     )
 
+
+# Warn when the queue exceeds this share of the training set (see the check in MoCo.__init__).
+STALE_KEY_SHARE = 0.25
 
 class MoCo(nn.Module):
     """The MoCo v2 objective around the shared (query) encoder.
@@ -132,6 +136,7 @@ class MoCo(nn.Module):
         hidden_dim: int | None = None,
         shuffle_bn: bool = True,
         bn_splits: int = 2,
+        dataset_size: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= key_momentum < 1.0:
@@ -148,6 +153,19 @@ class MoCo(nn.Module):
         if queue_size % batch_size:
             raise ValueError(
                 f"queue_size {queue_size} is not divisible by the batch size {batch_size}."
+            )
+        if dataset_size and queue_size > STALE_KEY_SHARE * dataset_size:
+            # An image comes back about once an epoch, so a queue of q keys holds its own earlier
+            # key for about q / N of the queries: a negative that is the positive's own image.
+            ratio = queue_size / dataset_size
+            if ratio >= 1:
+                detail = f"every query will meet about {ratio:.1f} earlier keys of its own image as negatives"
+            else:
+                detail = f"about {ratio:.0%} of the queries will meet their own image's key from an earlier epoch as a negative"
+            warnings.warn(
+                f"queue_size {queue_size} against {dataset_size} training images: {detail} "
+                f"(MoCo on ImageNet: 5%). Use a queue of at most {int(STALE_KEY_SHARE * dataset_size)} here.",
+                stacklevel=2,
             )
         if projection_dim < 1:
             raise ValueError(f"projection_dim must be at least 1, got {projection_dim}.")

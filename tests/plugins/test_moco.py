@@ -323,3 +323,17 @@ def test_shuffle_bn_across_two_gloo_processes(tmp_path):
     for r in ranks:
         assert (r["keys"] - r["plain_train"]).abs().max() > 1e-3  # other ranks' images shared BN
         torch.testing.assert_close(r["shuffled_eval"], r["plain_eval"])
+
+
+def test_a_queue_that_outgrows_the_training_set_is_warned_about():
+    """With a queue of q keys, about q / N queries meet their own image's stale key as a negative."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"queue_size 64 against 128 training images: about 50% of the queries.*at most 32"):
+        make_moco(queue_size=64, dataset_size=128)
+    with pytest.warns(UserWarning, match=r"every query will meet about 2.0 earlier keys of its own image"):
+        make_moco(queue_size=256, dataset_size=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_moco(queue_size=16, dataset_size=128)  # 12.5%: fine
+        make_moco(queue_size=64)  # size unknown: no opinion
