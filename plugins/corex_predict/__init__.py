@@ -1,0 +1,1 @@
+"""corex_predict: from a finished run to predictions on new radiographs (work in progress)."""
