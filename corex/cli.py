@@ -15,7 +15,17 @@ from pathlib import Path
 from corex import __version__
 from corex.errors import CorexError
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+def _shipped_recipes() -> Path:
+    """The recipes installed as the package data ``corex.recipes`` (the repository's recipes/)."""
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("corex.recipes")))
+    except (ModuleNotFoundError, TypeError):
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
+RECIPES = _shipped_recipes()
 
 EXAMPLES = """\
 examples:
@@ -26,7 +36,9 @@ examples:
   corex plugins --json                                   what every plugin provides
   corex recipes                                          the shipped recipes
   corex data info recipes/quickstart.yaml                images and studies per split and class
-  corex export runs/moco --stage pretrain encoder.pt     an encoder for other projects
+  corex export runs/quickstart model.pt                  the whole model, for predict and evaluate
+  corex predict model.pt scans/ --out predictions        DICOM/PNG/JPEG files, per image and per study
+  corex evaluate runs/quickstart --tta hflip,scale       evaluate again, with and without TTA
 """
 
 
@@ -44,19 +56,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"corex {__version__}")
+    parser.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default=None,
+                        help="how long work shows progress: a live bar (a terminal's default), plain lines every "
+                             "COREX_PROGRESS_INTERVAL seconds (default 10; a log's default), or nothing")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a recipe", description="Run every stage of a recipe into a run directory.")
     _add_recipe_args(run)
     run.add_argument("--out", type=Path, help="run directory (default: the recipe's `output`, else runs/<name>)")
-    run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars (epoch summaries are still printed)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out where it stopped; with a larger stages.NAME.epochs, extend a finished one")
+    run.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
+    run.add_argument("--json", action="store_true", help="print results.json on stdout (for scripts) instead of the summary table")
+    run.add_argument("--no-progress", action="store_true", help="same as --progress off")
     run.set_defaults(handler=cmd_run)
 
     validate = commands.add_parser("validate", help="check a recipe without running it",
                                    description="Report every problem in a recipe with its path; exit 0 when there is none.")
     _add_recipe_args(validate)
-    validate.add_argument("--build", action="store_true", help="also build every component (reads the data set's index)")
+    validate.add_argument("--no-build", dest="build", action="store_false",
+                          help="check the recipe's schema and option types only; by default every component is also built and "
+                               "the encoder run once on a tiny input (the data set is opened to learn its size)")
+    validate.add_argument("--build", dest="build", action="store_true", help=argparse.SUPPRESS)  # the default; kept for old scripts
     validate.set_defaults(handler=cmd_validate)
 
     plugins = commands.add_parser("plugins", help="list plugins and what they provide")
@@ -65,12 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(handler=cmd_recipes)
-
-    export = commands.add_parser("export", help="write a stage's encoder as a clean state dict plus metadata")
-    export.add_argument("run_dir", type=Path)
-    export.add_argument("--stage", required=True, help="the stage whose final encoder to export")
-    export.add_argument("output", type=Path, help="the .pt file to write (metadata goes beside it as .json)")
-    export.set_defaults(handler=cmd_export)
 
     data = commands.add_parser("data", help="prepare and inspect data sets")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
@@ -110,14 +125,50 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from corex.engine import run
+    from corex.engine import CLI_FLAGS, default_out, run
 
     recipe = _load(args)
-    results = run(recipe, out=args.out, resume=args.resume, progress=False if args.no_progress else None)
-    out = args.out or recipe.output or Path("runs") / recipe.name
-    print(json.dumps(results, indent=2))
-    print(f"run directory: {out}", file=sys.stderr)
+    out = args.out or default_out(recipe)
+    try:
+        results = run(recipe, out=out, resume=args.resume, overwrite=args.overwrite, progress=False if args.no_progress else None, flags=CLI_FLAGS)
+    except KeyboardInterrupt:
+        if (out / "recipe.yaml").exists():
+            print(f"corex: interrupted; continue with: corex run {args.recipe} --out {out} --resume", file=sys.stderr)
+        else:
+            print("corex: interrupted before the run started; nothing was written", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(summary_table(results, out))
     return 0
+
+
+# Headline metrics of the summary table, in this order, where an evaluate stage produced them.
+HEADLINE = ("macro_f1", "accuracy", "balanced_accuracy", "auroc", "study_map", "ece", "ece/calibrated", "brier",
+            "dice", "dice/positive", "iou", "pointing_game")
+
+
+def summary_table(results: dict, out: Path) -> str:
+    """The end of a run: each evaluate stage's headline metrics with their 95% intervals, and where to look."""
+    lines = []
+    for name, stage in results.get("stages", {}).items():
+        if stage.get("kind") != "evaluate":
+            continue
+        metrics, intervals = stage.get("metrics", {}), stage.get("intervals", {})
+        rows = [(key, metrics[key], intervals.get(key)) for key in HEADLINE if isinstance(metrics.get(key), (int, float))]
+        count = metrics.get("n")
+        lines.append(f"\n{name}: {stage.get('split')} split" + (f", {int(count)} studies" if isinstance(count, (int, float)) else ""))
+        lines.append(f"  {'metric':20s} {'value':>7s}   95% interval")
+        for key, value, interval in rows:
+            shown = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval and None not in interval else ""
+            lines.append(f"  {key:20s} {value:7.3f}   {shown}")
+    lines.append("")
+    for label, path in (("results", out / "results.json"), ("report", out / "report.html"), ("metrics", out / "metrics.jsonl"), ("curves", out / "curves.png")):
+        if path.exists():
+            lines.append(f"{label + ':':9s} {path}")
+    lines.append(f"{'run:':9s} {out}")
+    return "\n".join(lines).lstrip("\n")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -130,7 +181,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         source = build_data(recipe)
         check_components(recipe, source, Registry())
     stages = ", ".join(f"{s.name} ({s.kind})" for s in recipe.stages.values())
-    print(f"{args.recipe}: valid; stages: {stages}")
+    checked = "components built, encoder checked on a forward pass" if args.build else "schema only (--no-build)"
+    print(f"{args.recipe}: valid ({checked}); stages: {stages}")
     return 0
 
 
@@ -161,14 +213,6 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for path in sorted(RECIPES.rglob("*.yaml")):
         name = path.relative_to(RECIPES).with_suffix("").as_posix()
         print(f"{name:36s} {first_comment(path)}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from corex.export import export_encoder
-
-    meta = export_encoder(args.run_dir, args.stage, args.output)
-    print(f"wrote {args.output} ({meta['arch']}, {meta['parameters']:,} parameters) and {args.output.with_suffix('.json')}")
     return 0
 
 
@@ -208,13 +252,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "handler", None):
             parser.print_help(sys.stderr)
             return 2
+        from corex.progress import set_mode
+
+        set_mode(args.progress)
         return int(args.handler(args) or 0)
-    except CorexError as exc:
+    except CorexError as exc:  # the one place where a user's, the data's or the machine's problem becomes a message
         print(f"corex: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
-        print("corex: interrupted; continue with --resume and the same --out", file=sys.stderr)
+        print("corex: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `corex recipes | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -12,45 +12,42 @@ checkpoint, so a resumed run continues exactly where the interrupted one stopped
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import json
 import math
 import os
-import platform
-import random
+import shutil
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from corex import rundir
+from corex import checkpoints, contract, rundir
 from corex.binding import accepted_injections
-from corex.errors import CorexError, RecipeError
+from corex.context import RunContext
+from corex.errors import CorexError, RecipeError, RunFailure
 from corex.plugins import Registry, describe_plugins, get_plugin_manager
+from corex.progress import Progress, format_duration, format_value
 from corex.recipe import Component, Recipe, Stage
+from corex.seeding import (
+    _seed_worker,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    stage_seed,
+    tune_allocator,
+)
 
 DEFAULT_CACHE = Path(os.environ.get("COREX_CACHE", "~/.cache/corex")).expanduser()
 # Tolerance of the first-batch intensity check: resampling may overshoot [0, 1] a little.
 INTENSITY_SLACK = 0.05
 # Training losses are read back from the device (a synchronisation) once per this many steps.
 SYNC_EVERY = 10
-
-
-@attrs.define
-class RunContext:
-    """What observers see: the resolved recipe, the run directory and the device."""
-
-    recipe: Recipe
-    out: Path
-    device: torch.device
-    registry: Registry
 
 
 class CorexModel(nn.Module):
@@ -72,19 +69,55 @@ class CorexModel(nn.Module):
 
 @contextlib.contextmanager
 def _reported_as(path: str) -> Iterator[None]:
-    """A plugin's ValueError while building becomes a recipe problem at ``path``."""
+    """A plugin's ValueError or TypeError while building becomes a recipe problem at ``path``."""
     try:
         yield
     except CorexError:
         raise
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise RecipeError([f"{path}: {exc}"]) from exc
 
 
 def build_component(registry: Registry, kind: str, component: Component, path: str, **available: Any) -> Any:
-    factory = registry.get(kind, component.name).factory
+    """Build a recipe component from its registered factory and hold it to its protocol
+    (:mod:`corex.contract`): every missing member is one problem at ``path``."""
+    registered = registry.get(kind, component.name)
+    factory = registered.factory
     with _reported_as(path):
-        return factory(**accepted_injections(factory, available), **component.options)
+        built = factory(**accepted_injections(factory, available), **component.options)
+    problems = contract.built_problems(kind, built, component_label(kind, component.name, registered.plugin), path)
+    if problems:
+        raise RecipeError(problems)
+    return built
+
+
+def component_label(kind: str, name: str, plugin: str) -> str:
+    return f"{kind[:-1]} '{name}' (plugin '{plugin}')"
+
+
+def objective_arguments(recipe: Recipe, stage: Stage, encoder: Any, dataset_size: int) -> dict[str, Any]:
+    """What the core supplies to an objective's factory (corex.recipe.INJECTED names them)."""
+    return {"encoder": encoder, "channels": tuple(encoder.channels), "strides": tuple(encoder.strides),
+            "batch_size": recipe.stage_batch_size(stage), "dataset_size": dataset_size}
+
+
+class _StandInEncoder(nn.Module):
+    """A plain conv pyramid that stands in for an encoder that failed to build, so that the heads'
+    and objectives' own problems are still found and reported with the encoder's."""
+
+    arch, in_channels, channels, strides = "stand-in", 1, (8, 16, 32, 64), (4, 8, 16, 32)
+
+    def __init__(self):
+        super().__init__()
+        widths = (self.in_channels, *self.channels)
+        self.levels = nn.ModuleList(nn.Conv2d(widths[i], widths[i + 1], 3, stride=4 if i == 0 else 2, padding=1) for i in range(4))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = []
+        for level in self.levels:
+            x = level(x)
+            features.append(x)
+        return features
 
 
 def build_data(recipe: Recipe, registry: Registry | None = None):
@@ -92,6 +125,11 @@ def build_data(recipe: Recipe, registry: Registry | None = None):
     registry = registry or Registry()
     data = recipe.data
     cache_dir = (data.cache_dir or DEFAULT_CACHE).expanduser()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        key = "data.cache_dir" if data.cache_dir else "the default cache (set data.cache_dir or COREX_CACHE)"
+        raise CorexError(f"{key}: cannot create '{cache_dir}': {exc.strerror or exc}") from exc
     return build_component(
         registry, "datasets", Component(data.name, data.options), "data",
         image_size=data.image_size, seed=recipe.seed, cache_dir=cache_dir,
@@ -102,9 +140,10 @@ def build_model(recipe: Recipe, num_classes: int, registry: Registry | None = No
     """The encoder and every head defined by the recipe's train stages."""
     registry = registry or Registry()
     encoder = build_component(registry, "encoders", recipe.model.encoder, "model.encoder")
-    for attribute in ("channels", "strides", "arch", "in_channels"):
-        if not hasattr(encoder, attribute):
-            raise CorexError(f"model.encoder: encoder '{recipe.model.encoder.name}' has no '{attribute}' attribute (see corex/interfaces.py)")
+    return CorexModel(encoder, build_heads(recipe, encoder, num_classes, registry))
+
+
+def build_heads(recipe: Recipe, encoder: Any, num_classes: int, registry: Registry) -> dict[str, nn.Module]:
     heads: dict[str, nn.Module] = {}
     problems: list[str] = []
     for stage in recipe.stages.values():
@@ -120,13 +159,16 @@ def build_model(recipe: Recipe, num_classes: int, registry: Registry | None = No
                 problems.extend(exc.problems)
     if problems:
         raise RecipeError(problems, source=recipe.source)
-    return CorexModel(encoder, heads)
+    return heads
 
 
-def build_evaluators(stage: Stage, class_names: list[str], registry: Registry) -> list[tuple[str, Any]]:
+def build_evaluators(stage: Stage, class_names: list[str], registry: Registry, split: str | None = None) -> list[tuple[str, Any]]:
+    """A stage's evaluators as ``(recipe path, evaluator)``; ``split`` is what they will see
+    (a train stage's evaluators see the validation split)."""
+    split = split or (stage.split if stage.kind == "evaluate" else "val")
     return [
         (f"stages.{stage.name}.evaluators[{i}]",
-         build_component(registry, "evaluators", spec, f"stages.{stage.name}.evaluators[{i}]", class_names=list(class_names)))
+         build_component(registry, "evaluators", spec, f"stages.{stage.name}.evaluators[{i}]", class_names=list(class_names), split=split))
         for i, spec in enumerate(stage.evaluators)
     ]
 
@@ -140,23 +182,44 @@ def build_augment(stage: Stage, registry: Registry) -> Callable[[dict], dict]:
 def check_components(recipe: Recipe, source: Any, registry: Registry) -> CorexModel:
     """Build the model and, once, every stage's augmentation, evaluators and objective, so that the
     plugins' own checks (a Kornia op that does not exist, a queue size that does not divide the
-    batch) are all reported together before any training starts. Returns the model."""
+    batch) and the contract's (a member missing, a pyramid that is not what it declares) are all
+    reported together before any training starts. Returns the model."""
+    from corex.recipe import INJECTED, iter_components
+
     problems: list[str] = []
+    for kind, path, component in iter_components(recipe):
+        with contextlib.suppress(KeyError):  # unknown names were reported when the recipe loaded
+            registered = registry.get(kind, component.name)
+            label = component_label(kind, component.name, registered.plugin)
+            problems.extend(contract.factory_problems(registered.factory, INJECTED[kind], label, path if kind != "datasets" else "data"))
     class_names = list(source.class_names)
-    model = encoder = None
+    encoder, encoder_problems = None, []
     try:
-        model = build_model(recipe, len(class_names), registry)
-        encoder = model.encoder
+        encoder = build_component(registry, "encoders", recipe.model.encoder, "model.encoder")
+        registered = registry.get("encoders", recipe.model.encoder.name)
+        encoder_problems = contract.pyramid_problems(encoder, component_label("encoders", recipe.model.encoder.name, registered.plugin), "model.encoder")
+    except RecipeError as exc:
+        encoder_problems = exc.problems
+    problems.extend(encoder_problems)
+    usable = encoder if encoder is not None and not encoder_problems else _StandInEncoder()
+    heads: dict[str, nn.Module] = {}
+    try:
+        heads = build_heads(recipe, usable, len(class_names), registry)
     except RecipeError as exc:
         problems.extend(exc.problems)
+    train_size = None
     for stage in recipe.stages.values():
         builders = [lambda: build_augment(stage, registry), lambda: build_evaluators(stage, class_names, registry)]
-        if stage.objective is not None and encoder is not None:
-            builders.append(lambda: build_component(
-                registry, "objectives", stage.objective, f"stages.{stage.name}.objective", encoder=encoder,
-                channels=tuple(encoder.channels), strides=tuple(encoder.strides), batch_size=recipe.stage_batch_size(stage),
-                dataset_size=len(source.split("train")),
-            ))
+        if stage.objective is not None:
+            def build_objective(stage: Stage = stage) -> None:
+                nonlocal train_size
+                train_size = len(source.split("train")) if train_size is None else train_size
+                path = f"stages.{stage.name}.objective"
+                objective = build_component(registry, "objectives", stage.objective, path, **objective_arguments(recipe, stage, usable, train_size))
+                label = component_label("objectives", stage.objective.name, registry.get("objectives", stage.objective.name).plugin)
+                if found := contract.objective_problems(objective, usable, label, path):
+                    raise RecipeError(found)
+            builders.append(build_objective)
         for build in builders:
             try:
                 build()
@@ -164,7 +227,7 @@ def check_components(recipe: Recipe, source: Any, registry: Registry) -> CorexMo
                 problems.extend(exc.problems)
     if problems:
         raise RecipeError(problems, source=recipe.source)
-    return model
+    return CorexModel(encoder, heads)
 
 
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, device: torch.device) -> DataLoader:
@@ -183,12 +246,6 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_worke
     )
 
 
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 # -- small utilities ------------------------------------------------------------------------------
 
 
@@ -199,61 +256,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CorexError(f"device: '{name}' was asked for, but this machine has no CUDA device (use device: auto or cpu)")
     return device
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def tune_allocator() -> None:
-    """Stop glibc returning large activation buffers to the kernel after every step.
-
-    Measured on the 2-core reference machine: ResNet-50 at batch 32 trained 1.9x faster
-    (2.2 -> 4.2 images/s) because the page faults of re-mapping those buffers disappear.
-    Respects MALLOC_* variables a user has set.
-    """
-    if platform.system() != "Linux" or any(k.startswith("MALLOC_") for k in os.environ):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        libc.mallopt(m_mmap_max, 0)
-        libc.mallopt(m_trim_threshold, 2**30)
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        pass
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG's state as tensors and plain values, so checkpoints load with ``weights_only=True``."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def stage_seed(seed: int, stage: str, epoch: int) -> int:
-    return (seed * 1_000_003 + zlib.crc32(stage.encode()) + epoch) % 2**63
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
@@ -337,17 +339,18 @@ def encoder_state(model_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def load_encoder_file(path: Path, encoder: nn.Module, where: str) -> None:
     """Load an exported encoder (with its ``.json`` metadata) or a corex checkpoint into ``encoder``."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CorexError(f"{where}: cannot read '{path}' as a torch file: {exc}") from exc
+    payload = checkpoints.load_file(path, where)
     meta_path = path.with_suffix(".json")
-    if isinstance(payload, Mapping) and "model" in payload and isinstance(payload["model"], Mapping):
+    if not isinstance(payload, Mapping):
+        raise CorexError(f"{where}: '{path}' holds a {type(payload).__name__}, not an encoder state dict or a corex checkpoint")
+    if "model" in payload and isinstance(payload["model"], Mapping):
         arch = payload.get("arch")
         state = encoder_state(payload["model"])
     else:
         state = dict(payload)
         arch = rundir.read_json(meta_path).get("arch") if meta_path.exists() else None
+    if not state or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise CorexError(f"{where}: '{path}' holds no encoder weights (expected a mapping of parameter name to tensor)")
     if arch is not None and arch != getattr(encoder, "arch", None):
         raise CorexError(f"{where}: '{path}' holds a {arch} encoder, but this recipe's encoder is {encoder.arch}")
     result = encoder.load_state_dict(state, strict=False)
@@ -362,26 +365,89 @@ def load_encoder_file(path: Path, encoder: nn.Module, where: str) -> None:
 # -- the runner ----------------------------------------------------------------------------------
 
 
-class Runner:
-    """Runs a recipe's stages into a run directory. ``corex run`` and :func:`corex.run` use it."""
+# Flag names in messages: the command line's, or the Python API's keyword arguments.
+CLI_FLAGS = {"out": "--out", "resume": "--resume", "overwrite": "--overwrite"}
+API_FLAGS = {"out": "out", "resume": "resume=True", "overwrite": "overwrite=True"}
 
-    def __init__(self, recipe: Recipe, out: Path, *, resume: bool = False, progress: bool | None = None, registry: Registry | None = None):
+
+def _fault_point(point: str, stage: str, epoch: int | None = None) -> None:
+    """Kill this process at a named point when ``COREX_FAULT_AT`` asks for it (fault tests only).
+
+    ``COREX_FAULT_AT=after_checkpoint:train:2`` dies with SIGKILL right after stage ``train``
+    wrote epoch 2's ``last.pt``, before its metrics row, as a power cut would.
+    """
+    wanted = os.environ.get("COREX_FAULT_AT")
+    if wanted and wanted == f"{point}:{stage}" + (f":{epoch}" if epoch is not None else ""):
+        import signal
+
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, for naming the keys in which two recipes differ."""
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def recipe_differences(before: Recipe, after: Recipe) -> list[tuple[str, Any, Any]]:
+    """``(key, before, after)`` for every resolved value that differs."""
+    old, new = flatten(before.resolved(DEFAULT_CACHE)), flatten(after.resolved(DEFAULT_CACHE))
+    missing = object()
+    return [(key, old.get(key, missing), new.get(key, missing)) for key in sorted(set(old) | set(new))
+            if old.get(key, missing) != new.get(key, missing)]
+
+
+def resolved_yaml(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.resolved(DEFAULT_CACHE), sort_keys=False)
+
+
+class Runner:
+    """Runs a recipe's stages into a run directory. ``corex run`` and :func:`corex.run` use it.
+
+    ``resume`` continues the run in ``out`` (a finished stage is not redone; a stage whose
+    ``epochs`` grew is extended); ``overwrite`` deletes what ``out`` holds and starts afresh.
+    """
+
+    def __init__(self, recipe: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False, progress: bool | None = None,
+                 registry: Registry | None = None, flags: Mapping[str, str] = API_FLAGS):
+        if resume and overwrite:
+            raise CorexError(f"{flags['resume']} and {flags['overwrite']} contradict each other: choose one")
         self.recipe = recipe
         self.out = Path(out)
         self.resume = resume
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.overwrite = overwrite
+        self.flags = dict(flags)
+        self.progress_off = progress is False
         self.registry = registry or Registry()
         self.pm = self.registry.pm
         self.device = resolve_device(recipe.device)
         self.metrics = rundir.MetricsLog(self.out / "metrics.jsonl")
         self.results: dict[str, Any] = {"recipe": recipe.name, "stages": {}}
         self.context = RunContext(recipe, self.out, self.device, self.registry)
+        self.lock = rundir.RunLock(self.out)
+        self.status = "new"  # new | resumed | complete | extended
+        self._plan: dict[str, int] = {}
+        self._steps_done = 0
+        self._train_seconds = 0.0
 
     # The run -----------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         tune_allocator()
-        self._prepare_directory()
+        self._open_directory()
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict[str, Any]:
         seed_everything(self.recipe.seed, self.recipe.deterministic)
         self.source = build_data(self.recipe, self.registry)
         self.class_names = list(self.source.class_names)
@@ -390,13 +456,17 @@ class Runner:
         if self.recipe.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._write_data_report()
+        self._announce_stages()
         self.pm.hook.corex_run_start(run=self.context)
         done = self.results["stages"]
         for stage in self.recipe.stages.values():
             if stage.name in done:  # finished before an interruption: take its final model
                 if stage.kind == "evaluate":
                     continue  # evaluation changes neither the model nor the RNG
-                payload = self._load_model(self.out / "checkpoints" / stage.name / "model.pt")
+                where = f"stages.{stage.name} (finished earlier)"
+                payload = self._load_model(self.out / "checkpoints" / stage.name / "model.pt", where)
+                if "rng" not in payload:
+                    raise CorexError(f"{where}: '{self.out / 'checkpoints' / stage.name / 'model.pt'}' is not a corex stage model (no RNG state)")
                 set_rng_state(payload["rng"])  # as if the stage had just run
                 continue
             started = time.perf_counter()
@@ -406,36 +476,172 @@ class Runner:
                 result = self.train_stage(stage)
             result["time_s"] = round(time.perf_counter() - started, 3)
             done[stage.name] = result
+            _fault_point("before_results", stage.name)
             rundir.write_json(self.out / "results.json", self.results)
             self.pm.hook.corex_stage_end(run=self.context, stage=stage.name, results=result)
         rundir.plot_curves(self.metrics.rows(), self.out / "curves.png")
         self.pm.hook.corex_run_end(run=self.context, results=self.results)
         return self.results
 
-    def _prepare_directory(self) -> None:
-        out = self.out
-        saved = out / "recipe.yaml"
-        if self.resume:
-            if not saved.exists():
-                raise CorexError(f"--resume: '{out}' holds no run to resume (no recipe.yaml); drop --resume to start one")
-            from corex.recipe import load_recipe
+    # The run directory ---------------------------------------------------------------------------
 
-            previous = load_recipe(saved, registry=self.registry)
-            if previous.digest() != self.recipe.digest():
+    def _open_directory(self) -> None:
+        """Create or reopen ``out``, lock it, and decide what is left to do."""
+        out, flags = self.out, self.flags
+        where = flags["out"]
+        try:
+            if out.exists() and not out.is_dir():
+                raise CorexError(f"{where}: '{out}' is a file, not a folder")
+            out.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+        except OSError as exc:
+            raise CorexError(f"{where}: cannot use '{out}' as a run directory: {exc.strerror or exc}") from exc
+        try:
+            self._decide(out)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _decide(self, out: Path) -> None:
+        flags = self.flags
+        saved = out / "recipe.yaml"
+        existing = [p for p in out.iterdir() if p.name != rundir.RunLock.NAME]
+        if self.overwrite and existing:
+            for path in existing:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            log(f"corex: {flags['overwrite']}: deleted the earlier run in '{out}'")
+            existing = []
+        if not self.resume:
+            if existing:
                 raise CorexError(
-                    f"--resume: the recipe differs from the one the run in '{out}' started with "
-                    f"(compare with {saved}); resume with the same recipe and --set values, or use a new --out"
+                    f"{flags['out']}: '{out}' already holds files; pass {flags['resume']} to continue that run, "
+                    f"{flags['overwrite']} to delete it and start afresh, or choose another folder"
                 )
-            if (out / "results.json").exists():
-                self.results = rundir.read_json(out / "results.json")
+            log(f"corex: new run of '{self.recipe.name}' in {out}")
+            self._write_run_files()
             return
-        if out.exists() and any(out.iterdir()):
-            raise CorexError(f"--out: '{out}' already holds files; pass --resume to continue that run, or choose another folder")
-        out.mkdir(parents=True, exist_ok=True)
-        rundir.atomic_write_text(saved, self.recipe.to_yaml())
+        if not saved.exists():
+            raise CorexError(f"{flags['resume']}: '{out}' holds no run to resume (no recipe.yaml); drop {flags['resume']} to start one")
+        stale = rundir.remove_temporaries(out)
+        if stale:
+            log(f"corex: removed {len(stale)} temporary file(s) left by an interrupted write")
+        from corex.recipe import load_recipe
+
+        try:
+            previous = load_recipe(saved, registry=self.registry)
+        except RecipeError as exc:
+            raise CorexError(f"{flags['resume']}: the run's own recipe {saved} no longer loads:\n{exc}") from None
+        if (out / "results.json").exists():
+            try:
+                self.results = rundir.read_json(out / "results.json")
+            except (ValueError, OSError) as exc:
+                raise CorexError(f"{flags['resume']}: '{out / 'results.json'}' is damaged ({exc}); start afresh with {flags['overwrite']}") from None
+        differences = recipe_differences(previous, self.recipe)
+        if differences:
+            self._extend(differences, saved)
+        self._write_provenance(resumed=True)
+        self._announce_resume()
+
+    def _extend(self, differences: list[tuple[str, Any, Any]], saved: Path) -> None:
+        """Accept a changed recipe only when training stages grew longer; refuse anything else."""
+        grown = {}
+        for key, before, after in differences:
+            parts = key.split(".")
+            if (len(parts) == 3 and parts[0] == "stages" and parts[2] == "epochs" and isinstance(before, int)
+                    and isinstance(after, int) and after > before and self.recipe.stages[parts[1]].kind != "evaluate"):
+                grown[parts[1]] = (before, after)
+            else:
+                grown = None
+                break
+        if grown is None:
+            def shown(value: Any) -> str:
+                return "(absent)" if not isinstance(value, (str, int, float, bool, list, type(None))) else json.dumps(value, default=str)
+
+            lines = "\n".join(f"  {key}: {shown(before)} in the run, {shown(after)} now" for key, before, after in differences)
+            raise CorexError(
+                f"{self.flags['resume']}: the recipe differs from the one the run in '{self.out}' started with:\n{lines}\n"
+                f"Resume with the same recipe and --set values, start afresh with {self.flags['overwrite']}, or use another "
+                f"{self.flags['out']}. (Only a longer stages.NAME.epochs can extend a run.)"
+            )
+        # The grown stage and every later one are redone from the grown stage's last checkpoint.
+        names = list(self.recipe.stages)
+        first = min(names.index(name) for name in grown)
+        for name in names[first:]:
+            self.results["stages"].pop(name, None)
+            if name not in grown:
+                shutil.rmtree(self.out / "checkpoints" / name, ignore_errors=True)
+        rundir.atomic_write_text(saved, resolved_yaml(self.recipe))
+        rundir.write_json(self.out / "results.json", self.results)
+        for name, (before, after) in grown.items():
+            log(f"corex: extending stage '{name}' from {before} to {after} epochs (the learning-rate schedule is re-planned "
+                f"for {after} epochs from epoch {before + 1} on); later stages are redone")
+        self.status = "extended"
+
+    def _write_run_files(self) -> None:
+        out = self.out
+        rundir.atomic_write_text(out / "recipe.yaml", resolved_yaml(self.recipe))
         rundir.write_json(out / "plugins.json", describe_plugins(self.pm))
         recipe_path = self.recipe.source or "RECIPE"
         rundir.atomic_write_text(out / "README.md", rundir.RUN_README.format(name=self.recipe.name, recipe=recipe_path, out=out))
+        self._write_provenance(resumed=False)
+
+    def _write_provenance(self, resumed: bool) -> None:
+        path = self.out / "provenance.json"
+        record = rundir.provenance(str(self.device), self.recipe.source)
+        history = rundir.read_json(path) if resumed and path.exists() else {}
+        if resumed:
+            history.setdefault("resumed", []).append(record)
+        else:
+            history = {"started": record}
+        rundir.write_json(path, history)
+
+    def _announce_resume(self) -> None:
+        done = self.results.get("stages", {})
+        remaining = [name for name in self.recipe.stages if name not in done]
+        if not remaining:
+            self.status = "complete"
+            log(f"corex: the run in '{self.out}' is already complete (stages {', '.join(done)}); nothing to do. "
+                f"Use {self.flags['overwrite']} to start afresh, or --set stages.NAME.epochs=N with {self.flags['resume']} to extend it")
+            return
+        stage = remaining[0]
+        rows = [r for r in self.metrics.rows() if r.get("stage") == stage]
+        if self.status != "extended":
+            self.status = "resumed"
+        if rows:
+            last = rows[-1]
+            log(f"corex: resuming '{self.out}' at stage '{stage}' after epoch {last.get('epoch')} of {self.recipe.stages[stage].epochs}")
+        else:
+            log(f"corex: resuming '{self.out}' at the start of stage '{stage}'" + (f" (finished: {', '.join(done)})" if done else ""))
+
+    def _announce_stages(self) -> None:
+        """What the run will do: device, batch, stages with their epochs and steps."""
+        threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
+        log(f"corex: device {self.device}{threads}, seed {self.recipe.seed}; stages:")
+        for stage in self.recipe.stages.values():
+            if stage.kind == "evaluate":
+                names = ", ".join(e.name for e in stage.evaluators)
+                log(f"  {stage.name:12s} evaluate  on {stage.split}: {names}")
+                continue
+            fraction = 1.0 if stage.kind == "pretrain" else self.recipe.data.label_fraction
+            steps = self._steps_per_epoch(stage, fraction)
+            self._plan[stage.name] = steps * stage.epochs
+            what = stage.objective.name if stage.objective is not None else " + ".join(stage.heads)
+            extra = f", {fraction:.0%} of the labels" if fraction < 1 else ""
+            log(f"  {stage.name:12s} {stage.kind:9s} {what}: {stage.epochs} epochs x {steps} steps, "
+                f"global batch {self.recipe.stage_batch_size(stage)}{extra}")
+
+    def _steps_per_epoch(self, stage: Stage, label_fraction: float) -> int:
+        images = len(self.source.split("train", label_fraction=label_fraction))
+        batch = self.recipe.stage_batch_size(stage)
+        steps = images // batch if images >= batch else 1
+        return steps if stage.max_steps_per_epoch is None else min(steps, stage.max_steps_per_epoch)
+
+    def _run_eta(self) -> str:
+        """The whole run's remaining training time, from the step rate seen so far."""
+        if self._steps_done == 0 or self._train_seconds <= 0:
+            return "run eta ?"
+        remaining = max(0, sum(self._plan.values()) - self._steps_done)
+        return f"run eta {format_duration(remaining * self._train_seconds / self._steps_done)}"
 
     def _write_data_report(self) -> None:
         # Decode (or find cached) every image now: a file that only fails when decoded is
@@ -455,9 +661,9 @@ class Runner:
                 counts = ", ".join(f"{k} {v}" for k, v in info["classes"].items())
                 log(f"data: {split:5s} {info.get('studies', '?')} studies, {info.get('images', '?')} images ({counts})")
 
-    def _load_model(self, path: Path) -> dict[str, Any]:
-        payload = torch.load(path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(payload["model"])
+    def _load_model(self, path: Path, where: str) -> dict[str, Any]:
+        payload = checkpoints.load_checkpoint(path, where, map_location=self.device)
+        checkpoints.load_state(self.model, payload["model"], path, where)
         return payload
 
     # Stages --------------------------------------------------------------------------------
@@ -470,6 +676,9 @@ class Runner:
             dataset, self.recipe.stage_batch_size(stage), shuffle=shuffle,
             seed=stage_seed(self.recipe.seed, stage.name, epoch), num_workers=self.recipe.data.num_workers, device=self.device,
         )
+
+    def _val_fraction(self) -> float:
+        return self.recipe.data.label_fraction if self.recipe.data.reduce_val else 1.0
 
     def _start_encoder(self, stage: Stage) -> None:
         source = stage.encoder_from
@@ -489,7 +698,6 @@ class Runner:
         ckpt_dir = self.out / "checkpoints" / stage.name
         pretrain = stage.kind == "pretrain"
         heads = list(stage.heads)
-        batch_size = recipe.stage_batch_size(stage)
         augment = build_augment(stage, self.registry)
         label_fraction = 1.0 if pretrain else recipe.data.label_fraction
         train_loader = self._loader("train", stage, shuffle=True, label_fraction=label_fraction)
@@ -499,8 +707,7 @@ class Runner:
         if pretrain:
             objective = build_component(
                 self.registry, "objectives", stage.objective, f"stages.{stage.name}.objective",
-                encoder=model.encoder, channels=tuple(model.encoder.channels), strides=tuple(model.encoder.strides), batch_size=batch_size,
-                dataset_size=len(train_loader.dataset),
+                **objective_arguments(recipe, stage, model.encoder, len(train_loader.dataset)),
             ).to(device)
         evaluators = [] if pretrain else build_evaluators(stage, self.class_names, self.registry)
         model.encoder.requires_grad_(not stage.freeze)
@@ -513,121 +720,43 @@ class Runner:
         schedule = make_schedule(optimizer, recipe.stage_schedule(stage), steps, stage.epochs)
         dtype = autocast_dtype(stage, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-        val_loader = None if pretrain else self._loader("val", stage, shuffle=False)
-        fixed_batch = None
+        val_loader = None if pretrain else self._loader("val", stage, shuffle=False, label_fraction=self._val_fraction())
+        loop = _Loop(stage, heads, augment, objective, optimizer, schedule, scaler, dtype, params, steps, evaluators, val_loader)
 
         best = {"epoch": None, "value": None, "metrics": {}}
         start_epoch = 1
         if self.resume and (ckpt_dir / "last.pt").exists():
-            state = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=True)
-            model.load_state_dict(state["model"])
-            if objective is not None:
-                objective.load_state_dict(state["objective"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
-            best = state["best"]
-            start_epoch = state["epoch"] + 1
-            self.metrics.truncate(self.results["stages"], stage.name, state["epoch"])
-            log(f"[{stage.name}] resumed after epoch {state['epoch']}")
+            best, last_epoch = self._restore(loop, ckpt_dir / "last.pt")
+            start_epoch = last_epoch + 1
+            self._steps_done += min(last_epoch, stage.epochs) * steps
         elif self.resume:
             self.metrics.truncate(self.results["stages"], stage.name, 0)
 
-        checked = False
-        images_per_s = 0.0
+        fixed_batch = None
         for epoch in range(start_epoch, stage.epochs + 1):
-            train_loader = self._loader("train", stage, shuffle=True, label_fraction=label_fraction, epoch=epoch)
-            model.train()
-            if stage.freeze:
-                model.encoder.eval()  # a linear probe keeps the encoder's batch-norm statistics
-            if objective is not None:
-                objective.train()
-            sums: dict[str, Tensor] = {}
-            seen = 0
-            started = time.perf_counter()
-            bar = _progress(steps, f"{stage.name} {epoch}/{stage.epochs}", self.progress)
-            for step, batch in enumerate(train_loader):
-                if step >= steps:
-                    break
-                if not checked:
-                    check_intensities(batch, f"stages.{stage.name}: data '{recipe.data.name}', split 'train'")
-                    checked = True
-                batch = to_device(batch, device, recipe.model.channels_last)
-                if pretrain and fixed_batch is None:
-                    fixed_batch = {k: (v[:8] if isinstance(v, (Tensor, list)) else v) for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    loss, logs = self._step_loss(stage, batch, augment, objective)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if stage.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                n = batch["image"].shape[0]
-                seen += n
-                # Summed on the device; read back every SYNC_EVERY steps, not every step (a GPU sync).
-                for key, value in {"train/loss": loss, **logs}.items():
-                    value = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
-                    sums[key] = sums.get(key, 0.0) + value * n
-                bar.update(1)
-                if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
-                    running = float(sums["train/loss"]) / seen
-                    if not math.isfinite(running):
-                        raise CorexError(f"stages.{stage.name}: the loss became {running} by epoch {epoch}, step {step + 1}; lower the learning rate or check the data")
-                    bar.set_postfix(loss=f"{running:.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
-            bar.close()
-            elapsed = time.perf_counter() - started
-            images_per_s = seen / elapsed if elapsed > 0 else 0.0
-            row: dict[str, Any] = {"stage": stage.name, "epoch": epoch, **{k: float(v) / max(seen, 1) for k, v in sums.items()}}
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            row["images_per_s"] = images_per_s
-            row["train_time_s"] = elapsed
-
+            row, fixed_batch = self._train_epoch(loop, epoch, label_fraction, fixed_batch)
             if val_loader is not None:
-                val_metrics = self.evaluate(val_loader, heads, evaluators, stage)[0]
-                row.update({f"val/{k}": v for k, v in val_metrics.items()})
-                metric = stage.select.metric
-                if metric not in val_metrics:
-                    raise RecipeError([f"stages.{stage.name}.select.metric: '{metric}' is not a validation metric; "
-                                       f"available: {', '.join(sorted(val_metrics))}"])
-                value = val_metrics[metric]
-                better = best["value"] is None or (value > best["value"] if stage.select.maximize else value < best["value"])
-                if better and math.isfinite(value):
-                    best = {"epoch": epoch, "value": value, "metrics": val_metrics}
-                    rundir.save_torch(ckpt_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch, metric: value, "arch": model.encoder.arch})
+                best = self._validate(loop, epoch, row, best, ckpt_dir)
             if objective is not None and hasattr(objective, "on_epoch_end") and fixed_batch is not None:
                 (self.out / stage.name).mkdir(parents=True, exist_ok=True)
                 objective.eval()
                 with torch.no_grad():
                     objective.on_epoch_end(epoch=epoch, batch=fixed_batch, out_dir=self.out / stage.name)
-
-            rundir.save_torch(ckpt_dir / "last.pt", {
-                "model": model.state_dict(),
-                "objective": objective.state_dict() if objective is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "best": best,
-                "rng": rng_state(),
-                "arch": model.encoder.arch,
-            })
-            self.metrics.append(row)
-            log(_epoch_line(stage, epoch, row, stage.select.metric))
+            self._checkpoint(loop, epoch, row, best, ckpt_dir / "last.pt")
+            log(_epoch_line(stage, epoch, row, stage.select.metric) + f"  {self._run_eta()}")
             self.pm.hook.corex_epoch_end(run=self.context, stage=stage.name, epoch=epoch, metrics=row)
 
         if best["epoch"] is not None:
-            self._load_model(ckpt_dir / "best.pt")
+            self._load_model(ckpt_dir / "best.pt", f"stages.{stage.name}")
         model.encoder.requires_grad_(True)
         rundir.save_torch(ckpt_dir / "model.pt", {
             "model": model.state_dict(), "arch": model.encoder.arch, "in_channels": model.encoder.in_channels,
             "stage": stage.name, "rng": rng_state(),
         })
+        _fault_point("after_model", stage.name)
         last_row = next((r for r in reversed(self.metrics.rows()) if r.get("stage") == stage.name), {})
-        result: dict[str, Any] = {"kind": stage.kind, "epochs": stage.epochs, "images_per_s": round(images_per_s, 2)}
+        # From the metrics row, so that a resume after the last epoch still reports the real speed.
+        result: dict[str, Any] = {"kind": stage.kind, "epochs": stage.epochs, "images_per_s": round(float(last_row.get("images_per_s", 0.0)), 2)}
         if pretrain:
             result["metrics"] = {k[len("train/"):]: v for k, v in last_row.items() if k.startswith("train/")}
         else:
@@ -636,14 +765,129 @@ class Runner:
             result["selected_on"] = stage.select.metric
         return result
 
+    def _restore(self, loop: _Loop, path: Path) -> tuple[dict[str, Any], int]:
+        """Everything ``last.pt`` holds, back in place; its metrics row too if the log lost it."""
+        stage = loop.stage
+        where = f"{self.flags['resume']} (stage '{stage.name}')"
+        required = ["model", "optimizer", "schedule", "scaler", "epoch", "best", "rng"] + (["objective"] if loop.objective is not None else [])
+        state = checkpoints.load_checkpoint(path, where, required=required, map_location=self.device)
+        checkpoints.load_state(self.model, state["model"], path, where)
+        try:
+            if loop.objective is not None:
+                loop.objective.load_state_dict(state["objective"])
+            loop.optimizer.load_state_dict(state["optimizer"])
+            loop.schedule.load_state_dict(state["schedule"])
+            loop.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            raise CorexError(f"{where}: '{path}' does not fit this stage's objective or optimizer ({str(exc).splitlines()[0][:200]})") from None
+        epoch = int(state["epoch"])
+        self.metrics.truncate(self.results["stages"], stage.name, epoch)
+        row = state.get("row")
+        if row and not self.metrics.has(stage.name, epoch):  # killed between the checkpoint and the log
+            self.metrics.append(row)
+        log(f"[{stage.name}] resumed after epoch {epoch}")
+        return state["best"], epoch
+
+    def _train_epoch(self, loop: _Loop, epoch: int, label_fraction: float, fixed_batch: dict | None) -> tuple[dict[str, Any], dict | None]:
+        stage, model, device, recipe = loop.stage, self.model, self.device, self.recipe
+        train_loader = self._loader("train", stage, shuffle=True, label_fraction=label_fraction, epoch=epoch)
+        model.train()
+        if stage.freeze:
+            model.encoder.eval()  # a linear probe keeps the encoder's batch-norm statistics
+        if loop.objective is not None:
+            loop.objective.train()
+        sums: dict[str, Tensor] = {}
+        seen = 0
+        started = time.perf_counter()
+        bar = Progress(loop.steps, f"[{stage.name}] epoch {epoch}/{stage.epochs}", note=self._run_eta, mode="off" if self.progress_off else None)
+        for step, batch in enumerate(train_loader):
+            if step >= loop.steps:
+                break
+            if not loop.checked:
+                check_intensities(batch, f"stages.{stage.name}: data '{recipe.data.name}', split 'train'")
+                loop.checked = True
+            batch = to_device(batch, device, recipe.model.channels_last)
+            if loop.objective is not None and fixed_batch is None:
+                fixed_batch = {k: (v[:8] if isinstance(v, (Tensor, list)) else v) for k, v in batch.items()}
+            step_started = time.perf_counter()
+            with torch.autocast(device.type, dtype=loop.dtype or torch.float32, enabled=loop.dtype is not None):
+                loss, logs = self._step_loss(stage, batch, loop.augment, loop.objective)
+            loop.optimizer.zero_grad(set_to_none=True)
+            loop.scaler.scale(loss).backward()
+            if stage.grad_clip:
+                loop.scaler.unscale_(loop.optimizer)
+                torch.nn.utils.clip_grad_norm_(loop.params, stage.grad_clip)
+            loop.scaler.step(loop.optimizer)
+            loop.scaler.update()
+            loop.schedule.step()
+            n = batch["image"].shape[0]
+            seen += n
+            # Summed on the device; read back every SYNC_EVERY steps, not every step (a GPU sync).
+            for key, value in {"train/loss": loss, **logs}.items():
+                value = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
+                sums[key] = sums.get(key, 0.0) + value * n
+            self._steps_done += 1
+            self._train_seconds += time.perf_counter() - step_started
+            if (step + 1) % SYNC_EVERY == 0 or step + 1 == loop.steps:
+                running = float(sums["train/loss"]) / seen
+                if not math.isfinite(running):
+                    raise RunFailure(f"stages.{stage.name}: the loss became {running} by epoch {epoch}, step {step + 1}; lower the learning rate or check the data")
+                bar.set_values(loss=running, img_s=seen / (time.perf_counter() - started))
+            bar.update(1)
+        bar.close()
+        elapsed = time.perf_counter() - started
+        row: dict[str, Any] = {"stage": stage.name, "epoch": epoch, **{k: float(v) / max(seen, 1) for k, v in sums.items()}}
+        row["lr"] = loop.optimizer.param_groups[0]["lr"]
+        row["images_per_s"] = seen / elapsed if elapsed > 0 else 0.0
+        row["train_time_s"] = elapsed
+        row["global_batch"] = recipe.stage_batch_size(stage)
+        row["images"] = seen
+        return row, fixed_batch
+
+    def _validate(self, loop: _Loop, epoch: int, row: dict[str, Any], best: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
+        stage = loop.stage
+        val_metrics = self.evaluate(loop.val_loader, loop.heads, loop.evaluators, stage, desc=f"[{stage.name}] validate")[0]
+        row.update({f"val/{k}": v for k, v in val_metrics.items()})
+        metric = stage.select.metric
+        if metric not in val_metrics:
+            raise RecipeError([f"stages.{stage.name}.select.metric: '{metric}' is not a validation metric; "
+                               f"available: {', '.join(sorted(val_metrics))}"])
+        value = val_metrics[metric]
+        better = best["value"] is None or (value > best["value"] if stage.select.maximize else value < best["value"])
+        if better and math.isfinite(value):
+            best = {"epoch": epoch, "value": value, "metrics": val_metrics}
+            rundir.save_torch(ckpt_dir / "best.pt", {"model": self.model.state_dict(), "epoch": epoch, metric: value, "arch": self.model.encoder.arch})
+        return best
+
+    def _checkpoint(self, loop: _Loop, epoch: int, row: dict[str, Any], best: dict[str, Any], path: Path) -> None:
+        """``last.pt`` holds the epoch's metrics row as well, so the two are written as one step:
+        a kill between them is repaired on resume."""
+        rundir.save_torch(path, {
+            "model": self.model.state_dict(),
+            "objective": loop.objective.state_dict() if loop.objective is not None else None,
+            "optimizer": loop.optimizer.state_dict(),
+            "schedule": loop.schedule.state_dict(),
+            "scaler": loop.scaler.state_dict(),
+            "epoch": epoch,
+            "best": best,
+            "rng": rng_state(),
+            "arch": self.model.encoder.arch,
+            "row": row,
+        })
+        _fault_point("after_checkpoint", loop.stage.name, epoch)
+        self.metrics.append(row)
+        _fault_point("after_row", loop.stage.name, epoch)
+
     def _step_loss(self, stage: Stage, batch: dict[str, Any], augment: Callable, objective: nn.Module | None) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of one training step, and the extra scalars to log.
 
         A pretrain stage hands the batch and the augmentation to its objective (which may make
-        several views); a train stage augments once and sums the heads' weighted losses.
+        several views); a train stage augments once and sums the heads' weighted losses. Either
+        way augmentation runs without gradients.
         """
         if objective is not None:
-            out = objective(batch, augment)
+            out = objective(batch, _without_grad(augment))
             return out["loss"], {f"train/{k}": v for k, v in out.items() if k != "loss"}
         with torch.no_grad():
             batch = augment(batch)
@@ -652,30 +896,110 @@ class Runner:
         loss = sum(stage.heads[h].weight * losses[h] for h in stage.heads)
         return loss, ({f"train/loss/{h}": v for h, v in losses.items()} if len(losses) > 1 else {})
 
-    def evaluate(self, loader: DataLoader, heads: list[str], evaluators: list[tuple[str, Any]], stage: Stage, artefacts: Path | None = None):
+    def _head_weights(self, stage: Stage) -> dict[str, float]:
         # Each head's weight from the latest train stage so far that defines it, as it was trained.
         weights: dict[str, float] = {}
         for earlier in self.recipe.stages.values():
             weights.update({h: head.weight for h, head in earlier.heads.items()})
             if earlier.name == stage.name:
                 break
+        return weights
+
+    def evaluate(self, loader: DataLoader, heads: list[str], evaluators: list[tuple[str, Any]], stage: Stage, artefacts: Path | None = None,
+                 desc: str | None = None):
         return evaluate_loader(
-            self.model, loader, heads, evaluators, self.device, weights=weights, amp=autocast_dtype(stage, self.device),
+            self.model, loader, heads, evaluators, self.device, weights=self._head_weights(stage), amp=autocast_dtype(stage, self.device),
             channels_last=self.recipe.model.channels_last, artefacts=artefacts, where=f"stages.{stage.name}",
+            desc=None if self.progress_off else desc,
         )
 
     def evaluate_stage(self, stage: Stage) -> dict[str, Any]:
         self._start_encoder(stage)
         evaluators = build_evaluators(stage, self.class_names, self.registry)
+        calibrated = [(path, e) for path, e in evaluators if hasattr(e, "calibration_update")]
+        if calibrated and stage.split != "val":
+            # Calibration (e.g. temperature scaling) is fitted on the validation split, never on the split it is scored on.
+            val_loader = self._loader("val", stage, shuffle=False, label_fraction=self._val_fraction())
+            feed_calibration(self.model, val_loader, list(self.model.heads), calibrated, self.device, amp=autocast_dtype(stage, self.device),
+                             channels_last=self.recipe.model.channels_last, where=f"stages.{stage.name}")
         loader = self._loader(stage.split, stage, shuffle=False)
         heads = list(self.model.heads)
-        metrics, intervals = self.evaluate(loader, heads, evaluators, stage, artefacts=self.out / stage.name)
-        line = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)
+        metrics, intervals = self.evaluate(loader, heads, evaluators, stage, artefacts=self.out / stage.name, desc=f"[{stage.name}] evaluate {stage.split}")
+        line = "  ".join(f"{k} {format_metric(k, v)}" for k, v in metrics.items() if "/" not in k)
         log(f"[{stage.name}] {stage.split}: {line}")
         result: dict[str, Any] = {"kind": "evaluate", "split": stage.split, "metrics": metrics}
         if intervals:
             result["intervals"] = {k: [float(lo), float(hi)] for k, (lo, hi) in intervals.items()}
         return result
+
+
+@attrs.define
+class _Loop:
+    """What one training stage's epochs share."""
+
+    stage: Stage
+    heads: list[str]
+    augment: Callable
+    objective: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    scaler: Any
+    dtype: torch.dtype | None
+    params: list[nn.Parameter]
+    steps: int
+    evaluators: list[tuple[str, Any]]
+    val_loader: DataLoader | None
+    checked: bool = False
+
+
+def _without_grad(augment: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    def run(batch: dict) -> dict:
+        with torch.no_grad():
+            return augment(batch)
+
+    return run
+
+
+def format_metric(name: str, value: Any) -> str:
+    """Counts as integers, everything else with four decimals."""
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and (name == "n" or name.startswith("n_") or name.endswith("/n"))):
+        return str(int(value))
+    return f"{value:.4f}" if isinstance(value, float) else format_value(value)
+
+
+def _outputs(model: CorexModel, loader: DataLoader, heads: list[str], device: torch.device, *, amp: torch.dtype | None,
+             channels_last: bool, where: str, desc: str | None) -> Iterator[tuple[dict[str, Any], dict[str, Tensor]]]:
+    """``(batch on the device, head outputs)`` for every batch of ``loader``, in eval mode."""
+    model.eval()
+    bar = Progress(len(loader), desc or "", unit="batch", mode=None if desc else "off")
+    with bar:
+        for index, batch in enumerate(loader):
+            if index == 0:
+                check_intensities(batch, where)
+            batch = to_device(batch, device, channels_last)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                outputs = model(batch["image"], heads)
+            yield batch, outputs
+            bar.update(1)
+
+
+def _feed(evaluators: list[tuple[str, Any]], method: str, batch: dict[str, Any], outputs: Mapping[str, Tensor], model: CorexModel, heads: list[str]) -> None:
+    for path, evaluator in evaluators:
+        try:
+            if method == "update" and getattr(evaluator, "needs_model", False):  # e.g. saliency: gradients through the model
+                evaluator.update(batch, outputs, model=model)
+            else:
+                getattr(evaluator, method)(batch, outputs)
+        except KeyError as exc:
+            raise CorexError(f"{path}: reads the output of head {exc}, but the model's heads are {', '.join(heads) or 'none'}") from exc
+
+
+@torch.no_grad()
+def feed_calibration(model: CorexModel, loader: DataLoader, heads: list[str], evaluators: list[tuple[str, Any]], device: torch.device, *,
+                     amp: torch.dtype | None = None, channels_last: bool = True, where: str = "calibration") -> None:
+    """Stream ``loader`` (the validation split) through every evaluator's ``calibration_update``."""
+    for batch, outputs in _outputs(model, loader, heads, device, amp=amp, channels_last=channels_last, where=where, desc=None):
+        _feed(evaluators, "calibration_update", batch, {k: v.detach().float() for k, v in outputs.items()}, model, heads)
 
 
 @torch.no_grad()
@@ -691,35 +1015,25 @@ def evaluate_loader(
     channels_last: bool = True,
     artefacts: Path | None = None,
     where: str = "evaluate",
+    desc: str | None = None,
 ) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
     """Head losses plus every evaluator's metrics and intervals over ``loader``.
 
     ``evaluators`` are ``(recipe path, evaluator)`` pairs; the path names the evaluator in errors.
-    The loss is weighted like the training loss, so the curves are comparable.
+    The loss is weighted like the training loss, so the curves are comparable. ``desc`` names the
+    progress shown while it runs (none without it).
     """
-    model.eval()
     for _, evaluator in evaluators:
         evaluator.reset()
     loss_sums = {h: 0.0 for h in heads}
     total = 0
-    for index, batch in enumerate(loader):
-        if index == 0:
-            check_intensities(batch, where)
-        batch = to_device(batch, device, channels_last)
+    for batch, outputs in _outputs(model, loader, heads, device, amp=amp, channels_last=channels_last, where=where, desc=desc):
+        n = batch["image"].shape[0]
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            outputs = model(batch["image"], heads)
             for h in heads:
-                loss_sums[h] += model.heads[h].loss(outputs[h], batch).item() * batch["image"].shape[0]
-        total += batch["image"].shape[0]
-        outputs = {k: v.detach().float() for k, v in outputs.items()}
-        for path, evaluator in evaluators:
-            try:
-                if getattr(evaluator, "needs_model", False):  # e.g. saliency: gradients through the model
-                    evaluator.update(batch, outputs, model=model)
-                else:
-                    evaluator.update(batch, outputs)
-            except KeyError as exc:
-                raise CorexError(f"{path}: reads the output of head {exc}, but the model's heads are {', '.join(heads) or 'none'}") from exc
+                loss_sums[h] += model.heads[h].loss(outputs[h], batch).item() * n
+        total += n
+        _feed(evaluators, "update", batch, {k: v.detach().float() for k, v in outputs.items()}, model, heads)
     metrics: dict[str, float] = {}
     intervals: dict[str, tuple[float, float]] = {}
     if heads:
@@ -731,7 +1045,7 @@ def evaluate_loader(
         for key, value in evaluator.compute().items():
             if key in metrics:
                 raise CorexError(f"{path}: metric '{key}' is also produced by another evaluator of this stage; give it another name")
-            metrics[key] = float(value)
+            metrics[key] = value if isinstance(value, int) and not isinstance(value, bool) else float(value)
         if hasattr(evaluator, "intervals"):
             intervals.update(evaluator.intervals())
         if artefacts is not None and hasattr(evaluator, "save"):
@@ -752,21 +1066,28 @@ def evaluate_model(
     registry: Registry | None = None,
 ) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
     """The Python API's evaluation: registered evaluators by name (default: one per head)."""
+    from corex.binding import Problems, bind_options
+    from corex.recipe import INJECTED
+
     registry = registry or Registry()
     specs = evaluators if evaluators is not None else list(heads)
-    built = []
-    for i, spec in enumerate(specs):
+    components, problems = [], Problems()
+    for i, spec in enumerate(specs):  # bound and type-checked exactly as a recipe's are
         component = Component(spec) if isinstance(spec, str) else Component(spec["name"], {k: v for k, v in spec.items() if k != "name"})
-        built.append((f"evaluators[{i}]", build_component(registry, "evaluators", component, f"evaluators[{i}]", class_names=list(class_names))))
+        try:
+            factory = registry.get("evaluators", component.name).factory
+        except KeyError as exc:
+            problems.add(f"evaluators[{i}]", exc.args[0])
+            continue
+        component.options = bind_options(factory, component.options, f"evaluators[{i}]", problems, injected=INJECTED["evaluators"])
+        components.append((i, component))
+    if problems:
+        raise RecipeError(problems)
+    built = [(f"evaluators[{i}]", build_component(registry, "evaluators", component, f"evaluators[{i}]", class_names=list(class_names), split="test"))
+             for i, component in components]
     target = resolve_device(device)
     model.to(target)
     return evaluate_loader(model, loader, heads, built, target, artefacts=Path(out) if out else None)
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", leave=False, disable=not enabled, dynamic_ncols=True)
 
 
 def _epoch_line(stage: Stage, epoch: int, row: Mapping[str, Any], select: str) -> str:
@@ -779,7 +1100,14 @@ def _epoch_line(stage: Stage, epoch: int, row: Mapping[str, Any], select: str) -
     return "  ".join(parts)
 
 
-def run(recipe: Recipe, out: str | Path | None = None, *, resume: bool = False, progress: bool | None = None, registry: Registry | None = None) -> dict[str, Any]:
+def default_out(recipe: Recipe) -> Path:
+    """Where a run goes without ``--out``: the recipe's ``output``, else ``runs/<name>``."""
+    return Path(recipe.output) if recipe.output is not None else Path("runs") / recipe.name
+
+
+def run(recipe: Recipe, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False, progress: bool | None = None,
+        registry: Registry | None = None, flags: Mapping[str, str] = API_FLAGS) -> dict[str, Any]:
     """Run ``recipe`` into ``out`` (default: the recipe's ``output``, else ``runs/<name>``)."""
-    out = Path(out) if out is not None else (recipe.output or Path("runs") / recipe.name)
-    return Runner(recipe, out, resume=resume, progress=progress, registry=registry or Registry(get_plugin_manager())).run()
+    out = Path(out) if out is not None else default_out(recipe)
+    runner = Runner(recipe, out, resume=resume, overwrite=overwrite, progress=progress, registry=registry or Registry(get_plugin_manager()), flags=flags)
+    return runner.run()

@@ -1,4 +1,12 @@
-"""Errors the command line prints as a message (exit code 2) instead of a traceback."""
+"""Errors the command line prints as a message (exit code 2) instead of a traceback.
+
+:class:`CorexError` is THE exception a plugin raises for a mistake of the user or of the data (a
+bad option value, an unreadable file, a missing path): the command line prints its message and
+exits with code 2, without a traceback. Subclass it for your own kinds (``corex_cxr.DataError``
+does). Anything else escaping a plugin is treated as a bug and keeps its traceback; a
+``ValueError`` (or ``TypeError``) raised by a factory while corex builds a component is reported
+as a problem at that component's recipe path.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,19 @@ from collections.abc import Iterable
 
 
 class CorexError(Exception):
-    """A problem the user can fix: bad recipe, bad data, a plugin conflict."""
+    """A problem the user can fix: bad recipe, bad data, a plugin conflict.
+
+    The message should name what is wrong and where (a recipe path, a file), and say how to fix it.
+    """
+
+
+class RunFailure(CorexError):
+    """A run that started well and could not go on: a full disk, a diverging loss.
+
+    Printed as a message like every CorexError, but the command line exits with code 1.
+    """
+
+    exit_code = 1
 
 
 class PluginError(CorexError):

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
 
-if TYPE_CHECKING:
-    from corex.engine import RunContext
+from corex.context import RunContext
 
 PROJECT = "corex"
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -9,6 +9,10 @@ Plugins arrive three ways, all through pluggy:
 
 ``COREX_DISABLE_PLUGINS=name,...`` blocks plugins (by entry-point name or module name) and
 ``COREX_DISABLE_PLUGIN_AUTOLOAD=1`` loads no entry points at all.
+
+A plugin that cannot be imported (whatever it raises, a SyntaxError included) and a registration
+hook that raises become a :class:`~corex.errors.PluginError` naming the plugin, the error and where
+in the plugin's code it arose: the command line prints it as a message, not a traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import traceback
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -24,7 +29,7 @@ import attrs
 import pluggy
 
 from corex import hookspecs
-from corex.errors import PluginError, did_you_mean
+from corex.errors import CorexError, PluginError, did_you_mean
 
 # Recipe-facing kind name -> registration hook.
 KINDS: dict[str, str] = {
@@ -69,23 +74,64 @@ def create_plugin_manager(*, autoload: bool | None = None) -> pluggy.PluginManag
         for ep in entry_points(group=hookspecs.PROJECT):
             if ep.name in blocked or ep.value in blocked:
                 pm.set_blocked(ep.name)
-        try:
-            pm.load_setuptools_entrypoints(hookspecs.PROJECT)
-        except pluggy.PluginValidationError as exc:
-            raise PluginError(f"an installed corex plugin is invalid: {exc}") from exc
+        _load_entry_points(pm)
     for module_name in _env_list("COREX_PLUGINS"):
         if module_name in blocked:
             continue
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:  # the module exists; something it imports does not
+                raise PluginError(f"plugin '{module_name}' (from COREX_PLUGINS) failed to import: {_describe(exc)}") from exc
             raise PluginError(
                 f"COREX_PLUGINS names '{module_name}', which cannot be imported: {exc}. "
                 "Is its folder on PYTHONPATH (or the current directory)?"
             ) from exc
+        except Exception as exc:  # a plugin may raise anything at import; the message must name it
+            raise PluginError(f"plugin '{module_name}' (from COREX_PLUGINS) failed to import: {_describe(exc)}") from exc
         register(pm, module, name=module_name)
     check(pm)
     return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Load the ``corex`` entry points; a plugin that fails to import becomes a PluginError naming it."""
+    try:
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        return
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"an installed corex plugin is invalid: {exc}") from exc
+    except Exception as first:
+        failure = first
+    # Rare path: load the rest one by one to learn which entry point failed (pluggy does not say).
+    from importlib.metadata import distributions
+
+    for dist in distributions():
+        for ep in dist.entry_points:
+            if ep.group != hookspecs.PROJECT or pm.get_plugin(ep.name) or pm.is_blocked(ep.name):
+                continue
+            try:
+                pm.load_setuptools_entrypoints(hookspecs.PROJECT, name=ep.name)
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(f"an installed corex plugin is invalid: {exc}") from exc
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin '{ep.name}' (entry point {ep.value} of {dist.metadata['Name']} {dist.version}) "
+                    f"failed to import: {_describe(exc)}. Block it with COREX_DISABLE_PLUGINS={ep.name}"
+                ) from exc
+    raise PluginError(f"an installed corex plugin failed to import: {_describe(failure)}") from failure
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message (at file, line N)``: where in the plugin's own code the error arose."""
+    if isinstance(exc, SyntaxError):
+        return f"{type(exc).__name__}: {exc.msg} (at {exc.filename}, line {exc.lineno})"
+    text = f"{type(exc).__name__}: {exc}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    outside = [f for f in frames if "importlib" not in f.filename and not f.filename.startswith("<frozen")]
+    if outside:
+        text += f" (at {outside[-1].filename}, line {outside[-1].lineno})"
+    return text
 
 
 def register(pm: pluggy.PluginManager, plugin: object, name: str | None = None) -> None:
@@ -107,6 +153,23 @@ def check(pm: pluggy.PluginManager) -> None:
         known = [name for name in dir(hookspecs) if name.startswith("corex_")]
         hint = did_you_mean(match.group(1), known) if match else ""
         raise PluginError(f"{exc}{hint}") from exc
+
+
+def call_each(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> list[Any]:
+    """Call every implementation of a hook as pluggy would (last registered first), turning an
+    exception into a :class:`PluginError` naming the plugin (for hooks that set corex up, such as
+    ``corex_cli``; a CorexError a plugin raises on purpose passes through)."""
+    results = []
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        try:
+            result = impl.function(**{name: kwargs[name] for name in impl.argnames})
+        except CorexError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin '{plugin_name(pm, impl.plugin)}': {hook_name}() raised {_describe(exc)}") from exc
+        if result is not None:
+            results.append(result)
+    return results
 
 
 @cache
@@ -148,7 +211,12 @@ class Registry:
         # Call implementations one by one so that every name is attributed to its plugin.
         for impl in reversed(hook.get_hookimpls()):
             owner = plugin_name(self.pm, impl.plugin)
-            provided = impl.function() or {}
+            try:
+                provided = impl.function() or {}
+            except CorexError:
+                raise
+            except Exception as exc:  # a broken plugin must not pass for an unknown name
+                raise PluginError(f"plugin '{owner}': {KINDS[kind]}() raised {_describe(exc)}") from exc
             if not isinstance(provided, dict):
                 raise PluginError(f"plugin '{owner}': {KINDS[kind]}() must return a dict of name to factory, got {type(provided).__name__}")
             for name, factory in provided.items():

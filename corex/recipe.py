@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
+import re
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,12 +30,97 @@ INJECTED: dict[str, tuple[str, ...]] = {
     "encoders": (),
     "heads": ("channels", "strides", "num_classes"),
     "objectives": ("encoder", "channels", "strides", "batch_size", "dataset_size"),
-    "evaluators": ("class_names",),
+    "evaluators": ("class_names", "split"),
     "augmentations": (),
     "datasets": ("image_size", "seed", "cache_dir"),
 }
 
 StageKind = Literal["train", "pretrain", "evaluate"]
+_TRAINING_KEYS = ("kind", "epochs", "batch_size", "optimizer", "schedule", "augment", "encoder_from", "grad_clip", "amp", "max_steps_per_epoch")
+# The stage keys that mean something for each kind of stage (the resolved recipe shows only these).
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "train": (*_TRAINING_KEYS, "heads", "evaluators", "freeze", "select"),
+    "pretrain": (*_TRAINING_KEYS, "objective"),
+    "evaluate": ("kind", "batch_size", "evaluators", "split", "encoder_from", "amp"),
+}
+
+# libyaml's safe loader where PyYAML has it: the same YAML, read several times faster.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+# -- value checks, run as each value is read so that they are reported with every other problem ----
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+@attrs.frozen
+class Limits:
+    """The sensible values of a numeric recipe key: bounds (each open or closed), a step, a reason.
+
+    Attached to a schema field as ``metadata={"check": Limits(...)}``; a tuple value (``betas``)
+    is checked item by item.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: ``low`` itself is refused
+    high_open: bool = False
+    multiple_of: int | None = None
+    low_why: str = ""  # said when the value is below ``low``
+    high_why: str = ""  # said when the value is above ``high``
+    multiple_why: str = ""  # said when the value is not a multiple
+
+    def __call__(self, value: float) -> str | None:
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high:
+            why = self.low_why if too_low else self.high_why
+            return f"must be {self._wanted(too_low)}, got {_number(value)}{f' ({why})' if why else ''}"
+        if self.multiple_of and value % self.multiple_of:
+            because = f" ({self.multiple_why})" if self.multiple_why else ""
+            return f"must be a multiple of {self.multiple_of}{because}, got {_number(value)}"
+        return None
+
+    def _wanted(self, too_low: bool) -> str:
+        """The interval, or when a bound has a reason of its own, just the bound that was crossed."""
+        if self.low is not None and self.high is not None and not (self.low_why or self.high_why):
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
+        if too_low:
+            return f"{'greater than' if self.low_open else 'at least'} {_number(self.low)}"
+        return f"{'less than' if self.high_open else 'at most'} {_number(self.high)}"
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _device_problem(value: str) -> str | None:
+    if DEVICE.fullmatch(value):
+        return None
+    hint = did_you_mean(value, ["auto", "cpu", "cuda", "mps"])
+    return f"expected auto, cpu, cuda, cuda:N (a GPU index) or mps, got {value!r}{hint}"
+
+
+def checked(default: Any, check: Callable[[Any], str | None]) -> Any:
+    """A schema field whose well-typed value must also pass ``check`` (a message, or None if fine)."""
+    return attrs.field(default=default, metadata={"check": check})
+
+
+POSITIVE = Limits(low=0, low_open=True)
+NON_NEGATIVE = Limits(low=0)
+AT_LEAST_ONE = Limits(low=1)
+FRACTION = Limits(low=0, high=1)
+MAX_EPOCHS = 100_000
+BATCH_SIZES = Limits(low=1, high=2**20, high_why="more than a million images per batch is surely a typo")
+LOADER_WORKERS = Limits(low=0, high=1024, high_why="each worker is a process")
+IMAGE_SIZES = Limits(
+    low=32, high=4096, multiple_of=32, low_why="the encoders' deepest stride", multiple_why="the encoders' deepest stride",
+    high_why="a larger side would not fit in memory: the decoded cache alone holds 2 bytes per pixel of every image",
+)
 
 
 @attrs.define
@@ -48,16 +135,19 @@ class Component:
 @attrs.define
 class Head:
     component: Component
-    weight: float = 1.0
+    weight: float = checked(1.0, NON_NEGATIVE)
 
 
 @attrs.define
 class Data:
     name: str
-    image_size: int = 256
-    batch_size: int = 16
-    num_workers: int = 0
-    label_fraction: float = 1.0
+    image_size: int = checked(256, IMAGE_SIZES)
+    batch_size: int = checked(16, BATCH_SIZES)
+    num_workers: int = checked(0, LOADER_WORKERS)
+    label_fraction: float = checked(1.0, Limits(low=0, high=1, low_open=True))
+    # Reduce the validation split to label_fraction too: with 10% of the labels, model selection
+    # on a fully labelled validation split would use labels the study pretends not to have.
+    reduce_val: bool = False
     cache_dir: Path | None = None
     options: dict[str, Any] = attrs.field(factory=dict)
 
@@ -71,17 +161,17 @@ class Model:
 @attrs.define
 class Optimizer:
     name: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9  # SGD only
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW only
+    lr: float = checked(1e-3, POSITIVE)
+    weight_decay: float = checked(1e-4, NON_NEGATIVE)
+    momentum: float = checked(0.9, Limits(low=0, high=1, high_open=True))  # SGD only
+    betas: tuple[float, float] = checked((0.9, 0.999), Limits(low=0, high=1, high_open=True))  # Adam/AdamW only
 
 
 @attrs.define
 class Schedule:
     name: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = 0.0
-    min_lr_ratio: float = 0.0
+    warmup_epochs: float = checked(0.0, NON_NEGATIVE)
+    min_lr_ratio: float = checked(0.0, FRACTION)
 
 
 @attrs.define
@@ -100,8 +190,8 @@ class Select:
 class Stage:
     name: str
     kind: StageKind
-    epochs: int = 1
-    batch_size: int | None = None
+    epochs: int = checked(1, Limits(low=1, high=MAX_EPOCHS, high_why=f"more than {MAX_EPOCHS:,} epochs is surely a typo"))
+    batch_size: int | None = checked(None, BATCH_SIZES)  # None: data.batch_size
     optimizer: Optimizer | None = None
     schedule: Schedule | None = None
     heads: dict[str, Head] = attrs.field(factory=dict)
@@ -112,9 +202,9 @@ class Stage:
     encoder_from: str | None = None
     freeze: bool = False
     select: Select = attrs.field(factory=Select)
-    grad_clip: float | None = None
+    grad_clip: float | None = checked(None, POSITIVE)  # None: no clipping
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    max_steps_per_epoch: int | None = None
+    max_steps_per_epoch: int | None = checked(None, AT_LEAST_ONE)
 
 
 @attrs.define
@@ -124,8 +214,8 @@ class Recipe:
     model: Model
     stages: dict[str, Stage]
     description: str = ""
-    seed: int = 0
-    device: str = "auto"
+    seed: int = checked(0, Limits(low=0, high=2**63 - 1))
+    device: str = checked("auto", _device_problem)
     deterministic: bool = False
     output: Path | None = None
     optimizer: Optimizer = attrs.field(factory=Optimizer)
@@ -141,7 +231,9 @@ class Recipe:
 
     def digest(self) -> str:
         """A short hash of the resolved recipe, recorded in exports and used to check resumes."""
-        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        data = self.resolved(Path("."))
+        data["data"].pop("cache_dir")  # where decoded images are kept changes no result
+        text = json.dumps(data, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def stage_optimizer(self, stage: Stage) -> Optimizer:
@@ -151,7 +243,22 @@ class Recipe:
         return stage.schedule or self.schedule
 
     def stage_batch_size(self, stage: Stage) -> int:
-        return stage.batch_size or self.data.batch_size
+        return self.data.batch_size if stage.batch_size is None else stage.batch_size
+
+    def resolved(self, default_cache: Path) -> dict[str, Any]:
+        """The recipe as a run uses it: each stage's inherited optimizer, schedule and batch size
+        and the cache path filled in, and keys that mean nothing for a stage's kind left out.
+        Loading it back gives a recipe whose ``resolved()`` is the same."""
+        data = self.to_dict()
+        data["data"]["cache_dir"] = str(Path(self.data.cache_dir or default_cache).expanduser())
+        for name, stage in self.stages.items():
+            entry = data["stages"][name]
+            entry["batch_size"] = self.stage_batch_size(stage)
+            if stage.kind != "evaluate":
+                entry["optimizer"] = _unstructure(self.stage_optimizer(stage))
+                entry["schedule"] = _unstructure(self.stage_schedule(stage))
+            data["stages"][name] = {k: v for k, v in entry.items() if k in STAGE_KEYS[stage.kind]}
+        return data
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -163,7 +270,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise RecipeError([f"cannot read the recipe: {exc.strerror}"], source=str(path)) from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -201,7 +308,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> list[str]
             problems.append(f"--set {override!r}: expected KEY=VALUE, e.g. stages.train.epochs=3")
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=SAFE_LOADER) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         parts = key.split(".")
@@ -314,7 +421,11 @@ def _structure(cls: type, data: Any, path: str, problems: Problems) -> Any:
             known = [k for k in fields if k != "options" and not (cls is Stage and k == "name")]
             problems.add(where, f"unknown key{did_you_mean(key, known) or '.'} Known keys: {', '.join(known)}")
             continue
+        before = len(problems)
         kwargs[key] = _field_value(hints[key], value, where, problems)
+        check = fields[key].metadata.get("check")
+        if check is not None and len(problems) == before and kwargs[key] is not None:
+            _check_value(check, kwargs[key], where, problems)
     for name, field in fields.items():
         if field.default is attrs.NOTHING and name not in kwargs:
             problems.add(f"{path}.{name}" if path else name, "is required")
@@ -359,6 +470,16 @@ def _field_value(annotation: Any, value: Any, path: str, problems: Problems) -> 
     return check_value(value, annotation, path, problems)
 
 
+def _check_value(check: Callable[[Any], str | None], value: Any, path: str, problems: Problems) -> None:
+    if isinstance(value, tuple):
+        for i, item in enumerate(value):
+            _check_value(check, item, f"{path}[{i}]", problems)
+        return
+    problem = check(value)
+    if problem:
+        problems.add(path, problem)
+
+
 def _component(value: Any, path: str, problems: Problems) -> Component | None:
     if isinstance(value, str):
         return Component(value)
@@ -382,7 +503,10 @@ def _head(key: str, value: Any, path: str, problems: Problems) -> Head | None:
         problems.add(path, f"expected a mapping of head options (or nothing), got {value!r}")
         return None
     options = dict(value)
+    before = len(problems)
     weight = check_value(options.pop("weight", 1.0), float, f"{path}.weight", problems)
+    if len(problems) == before:
+        _check_value(attrs.fields(Head).weight.metadata["check"], weight, f"{path}.weight", problems)
     name = options.pop("name", key)
     return Head(Component(name, options), weight)
 
@@ -440,19 +564,10 @@ def _bind_components(recipe: Recipe, registry: Registry, problems: Problems) -> 
 
 
 def _cross_check(recipe: Recipe, problems: Problems) -> None:
-    data = recipe.data
-    if data.image_size < 32 or data.image_size % 32:
-        problems.add("data.image_size", f"must be a multiple of 32 (the encoders' deepest stride), got {data.image_size}")
-    if not 0 < data.label_fraction <= 1:
-        problems.add("data.label_fraction", f"must be in (0, 1], got {data.label_fraction}")
-    if data.batch_size < 1:
-        problems.add("data.batch_size", f"must be at least 1, got {data.batch_size}")
     seen: list[str] = []
     head_specs: dict[str, tuple[str, Component]] = {}
     for stage in recipe.stages.values():
         base = f"stages.{stage.name}"
-        if stage.epochs < 1 and stage.kind != "evaluate":
-            problems.add(f"{base}.epochs", f"must be at least 1, got {stage.epochs}")
         if stage.kind == "train" and not stage.heads:
             problems.add(f"{base}.heads", "a train stage needs at least one head, e.g. {classification: {}}")
         if stage.kind != "train" and stage.heads:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from corex.errors import CorexError, RunFailure
 
 RUN_README = """\
 # corex run: {name}
@@ -34,6 +39,39 @@ Export an encoder with `corex export {out} --stage STAGE encoder.pt`.
 """
 
 
+def _file_mode() -> int:
+    """What ``open()`` would give a new file under the user's umask (mkstemp gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
+# Errors that mean "no room": a full disk, a quota, a file-size limit.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _write_failure(path: Path, exc: BaseException) -> CorexError | None:
+    """A clear message for a write that failed for want of space or permission, else None."""
+    codes = {getattr(e, "errno", None) for e in (exc, exc.__cause__, exc.__context__) if e is not None}
+    text = str(exc)
+    # torch's writer reports a full disk as "[enforce fail at inline_container.cc] ... file write failed"
+    # or "basic_ios::clear" with no errno, so look at the free space too.
+    torch_writer = "inline_container" in text or "basic_ios" in text or "file write failed" in text
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    free_text = f" ({free / 2**20:.0f} MiB free there)" if free is not None else ""
+    if codes & _NO_SPACE or (torch_writer and (free is None or free < 2**30)):
+        return RunFailure(f"cannot write '{path}': no space left on the device{free_text}. Free some space, then continue with --resume")
+    if torch_writer:
+        return RunFailure(f"cannot write '{path}': the write failed{free_text} ({text.splitlines()[0][:200]})")
+    if codes & {errno.EACCES, errno.EPERM, errno.EROFS}:
+        return CorexError(f"cannot write '{path}': {getattr(exc, 'strerror', None) or exc}")
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
@@ -43,14 +81,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
         with atomic_path(out / "table.csv") as tmp:
             tmp.write_text(text)
+
+    A full disk or a read-only place becomes a :class:`~corex.errors.CorexError` naming ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise _write_failure(path, exc) or CorexError(f"cannot write '{path}': {exc.strerror or exc}") from exc
     temporary = Path(name)
     try:
         yield temporary
+        with contextlib.suppress(OSError):
+            os.chmod(temporary, FILE_MODE)
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as exc:
+        failure = _write_failure(path, exc)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -72,6 +123,83 @@ def save_torch(path: Path, obj: Any) -> None:
     """``torch.save`` through a temporary file and an atomic rename."""
     with atomic_path(path) as temporary:
         torch.save(obj, temporary)
+
+
+def remove_temporaries(root: Path) -> list[Path]:
+    """Delete the temporary files that a killed process left (``.NAME.*.tmp``); return them."""
+    found = [p for p in Path(root).rglob(".*.tmp") if p.is_file()]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
+class RunLock:
+    """An OS lock on a run directory: one process works in it at a time.
+
+    ``flock`` is released by the kernel when the process dies, so a killed run never leaves a
+    stale lock behind.
+    """
+
+    NAME = ".corex.lock"
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / self.NAME
+        self._handle = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        handle = self.path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise CorexError(f"'{self.path.parent}' is in use by {holder}; wait for it to finish, or use another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"corex process {os.getpid()}")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing releases the flock
+            self._handle = None
+
+
+def provenance(device: str, recipe_source: str | None) -> dict[str, Any]:
+    """What made this run: versions, device, command line and the recipe's git commit."""
+    import platform
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "device": device,
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else [],
+        "cwd": os.getcwd(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda
+    if recipe_source:
+        info["recipe_git"] = _git_state(Path(recipe_source).resolve().parent)
+    return info
+
+
+def _git_state(folder: Path) -> dict[str, Any] | None:
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _jsonable(value: Any) -> Any:
@@ -99,11 +227,25 @@ class MetricsLog:
     def rows(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line torn by a kill mid-write
+                if line.strip():
+                    rows.append(json.loads(line))
+        return rows
+
+    def has(self, stage: str, epoch: int) -> bool:
+        return any(r.get("stage") == stage and r.get("epoch") == epoch for r in self.rows())
 
     def append(self, row: Mapping[str, Any]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(_jsonable(row)) + "\n")
+        line = json.dumps(_jsonable(row)) + "\n"
+        try:
+            with self.path.open("a") as handle:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise _write_failure(self.path, exc) or CorexError(f"cannot write '{self.path}': {exc.strerror or exc}") from exc
 
     def truncate(self, keep: Iterable[str], stage: str, last_epoch: int) -> None:
         """Keep the rows of finished stages ``keep`` and of ``stage`` up to ``last_epoch``."""
@@ -112,7 +254,7 @@ class MetricsLog:
             r for r in self.rows()
             if r.get("stage") in keep or (r.get("stage") == stage and r.get("epoch", 0) <= last_epoch)
         ]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(self.path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
 
 
 # Validation metrics worth a line on the curves, best first; counts and per-class values are not.
@@ -120,37 +262,79 @@ HEADLINE = ("val/macro_f1", "val/balanced_accuracy", "val/auroc", "val/dice")
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """One panel per stage: training loss, validation loss and the other validation metrics."""
+    """``curves.png``: per stage, the losses above and the validation metrics below, by epoch.
+
+    The best epoch of each stage is marked with a vertical line and a star on the metric that
+    chose it: the highest ``val/macro_f1`` where the rows have it, else the lowest ``val/loss``
+    (the legend says which). Every series has its own colour, and legends sit below the panels so
+    that they cover no data.
+    """
     stages = list(dict.fromkeys(r["stage"] for r in rows))
     if not stages:
         return
-    import matplotlib
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.6), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
+    metric_keys = ("val/macro_f1", "val/balanced_accuracy", "val/auroc", "val/study_map", "val/dice/positive", "val/dice")
+    loss_keys = ("train/loss", "val/loss")
+    present = {k for r in rows for k in r}
+    # One colour per series, the same in every stage's panels.
+    palette = colormaps["tab10"]
+    colours = {key: palette(i) for i, key in enumerate((*loss_keys, *metric_keys))}
+    with_metrics = any(k in present for k in metric_keys)
+    figure = Figure(figsize=(5.2 * len(stages), 6.4 if with_metrics else 3.9), layout="constrained")
+    grid = figure.subplots(2 if with_metrics else 1, len(stages), squeeze=False, sharex="col")
+    for column, stage in enumerate(stages):
         stage_rows = [r for r in rows if r["stage"] == stage]
         epochs = [r["epoch"] for r in stage_rows]
-        for key, style in (("train/loss", "-"), ("val/loss", "--")):
-            values = [r.get(key) for r in stage_rows]
-            if any(v is not None for v in values):
-                ax.plot(epochs, values, style, marker="o", label=key)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-        ax.set_title(stage)
-        present = {k for r in stage_rows for k in r if k.startswith("val/")}
-        others = [k for k in HEADLINE if k in present]
-        if others:
-            twin = ax.twinx()
-            for key in others:
-                twin.plot(epochs, [r.get(key) for r in stage_rows], ":", marker=".", label=key)
-            twin.set_ylabel("validation metric")
-            twin.set_ylim(0, 1)
-            twin.legend(loc="lower right", fontsize=7)
-        ax.legend(loc="upper right", fontsize=7)
-    fig.tight_layout()
+        loss_axes = grid[0, column]
+        panels = [(loss_axes, loss_keys)] + ([(grid[1, column], metric_keys)] if with_metrics else [])
+        for axes, keys in panels:
+            for key in keys:
+                values = [r.get(key) for r in stage_rows]
+                if any(v is not None for v in values):
+                    values = [float("nan") if v is None else v for v in values]
+                    style = "--" if key == "val/loss" else "-"
+                    axes.plot(epochs, values, style, marker="o", markersize=3, color=colours[key], label=key)
+        loss_axes.set(ylabel="loss", title=f"stage '{stage}'")
+        if with_metrics:
+            grid[1, column].set(ylabel="validation metric", ylim=(0, 1.02))
+        grid[-1, column].set_xlabel("epoch")
+        grid[-1, column].xaxis.set_major_locator(MaxNLocator(integer=True))
+        best = _best_epoch(stage_rows)
+        if best is not None:
+            epoch, key, value, label = best
+            for axes, keys in panels:
+                axes.axvline(epoch, color="black", linestyle=":", linewidth=1.2, label=label if key in keys else None)
+                if key in keys:
+                    axes.plot([epoch], [value], marker="*", markersize=13, color="black", linestyle="none", clip_on=False, zorder=5)
+        lowest = loss_axes
+        for axes, _ in panels[1:]:
+            if axes.get_legend_handles_labels()[0]:
+                lowest = axes
+            else:  # e.g. a pretrain stage: no validation
+                axes.set_axis_off()
+                axes.text(0.5, 0.5, "no validation metrics in this stage", ha="center", va="center",
+                          transform=axes.transAxes, color="grey")
+                loss_axes.tick_params(labelbottom=True)
+                loss_axes.set_xlabel("epoch")
+        for axes, _ in panels:
+            if axes.get_legend_handles_labels()[0]:
+                # Below the panel, clear of the epoch axis where this panel carries it.
+                axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2 if axes is lowest else -0.08),
+                            ncols=2, fontsize=7, frameon=False)
+    figure.suptitle("Training curves")
     with atomic_path(path) as temporary:
-        fig.savefig(temporary, dpi=110, format="png")
-    plt.close(fig)
+        figure.savefig(temporary, dpi=110, format="png")
+
+
+def _best_epoch(rows: list[dict[str, Any]]) -> tuple[int, str, float, str] | None:
+    """The epoch a stage's selection would keep (highest val/macro_f1, else lowest val/loss; the
+    first on a tie) as ``(epoch, key, value, legend label)``."""
+    for key, pick, word in (("val/macro_f1", max, "highest"), ("val/loss", min, "lowest")):
+        scored = [(r[key], r["epoch"]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if scored:
+            value, epoch = pick(scored, key=lambda pair: pair[0])
+            return epoch, key, value, f"best epoch {epoch}: {word} {key} ({value:.3f})"
+    return None

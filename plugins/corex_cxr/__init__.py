@@ -24,7 +24,8 @@ from corex_cxr.errors import DataError
 from corex_cxr.folder import FolderSource
 from corex_cxr.phantom import corex_cli, write_siim_phantom
 from corex_cxr.siim import SiimSource
-from corex_cxr.source import CLASS_NAMES, BadSamplePolicy, CxrSource, Sample
+from corex_cxr.source import CLASS_NAMES, BadSamplePolicy, CxrSource, Sample, check_source_options
+from corex_cxr.splits import check_split_options
 
 
 def phantom_source(
@@ -48,6 +49,9 @@ def phantom_source(
     Written once to ``cache_dir/phantom/<settings>`` and reused. ``size`` is the side of the
     written DICOMs, by default ``2 * image_size`` so the loader really resizes.
     """
+    # Checked before the (slow) writing, which they do not affect.
+    check_source_options(image_size=image_size, on_bad_sample=on_bad_sample, workers=workers)
+    check_split_options(val_fraction=val_fraction, test_fraction=test_fraction, folds=folds, fold=fold)
     size = 2 * image_size if size is None else size
     settings = {"studies": studies, "seed": seed, "size": size, "difficulty": difficulty, "label_noise": label_noise}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]

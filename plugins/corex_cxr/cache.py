@@ -9,7 +9,8 @@ One directory per (data source, preprocessing settings) holds
                         VOI output of a 12-16 bit radiograph keeps its fine contrast steps.
 
 :func:`build_cache` reuses every image whose file key matches the index and decodes only the rest,
-in worker processes, with a progress bar. It flushes the array and then rewrites the index
+in worker processes (which die with the process that started them, even by SIGKILL), with a
+progress bar. It flushes the array and then rewrites the index
 atomically (temporary file + ``os.replace``) every ``flush_every`` images and whenever it stops,
 so the index never names pixels that are not on disk and an interrupted build resumes where it
 stopped. An edited file (new size or mtime) is decoded again and the others are reused; a
@@ -21,9 +22,16 @@ conversion and a mask drawn from the stored boxes; thousands of images per secon
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
+import shutil
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,8 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
+from corex.progress import progress as progress_bar
 from corex.rundir import atomic_write_text
 from corex_cxr.dicom import Box, boxes_to_mask, resize_pad
 from corex_cxr.errors import DataError
@@ -61,7 +69,8 @@ class CacheBuild:
     geometry: dict[str, tuple[float, int, int]]  # image id -> (scale, pad_x, pad_y)
     errors: dict[str, str]  # image id -> why it could not be decoded
     decoded: int  # images decoded by this build (errors included)
-    reused: int  # images taken from an earlier build
+    reused: int  # images taken from an earlier build (errors it recorded included)
+    failed: int = 0  # of the ``decoded``, how many could not be
 
 
 def build_cache(
@@ -97,6 +106,7 @@ def build_cache(
         array = np.load(array_path, mmap_mode="r+")  # same images: same slots
         entries = {image_id: previous["entries"][image_id] for image_id in ids if reusable(image_id)}
     else:
+        _check_space(directory, (len(ids), size, size))
         array = _create_array(array_path, (len(ids), size, size))
         old_path = directory / previous["array"] if previous.get("array") else None
         old = np.load(old_path, mmap_mode="r") if old_path and old_path.exists() else None
@@ -114,10 +124,11 @@ def build_cache(
     reused = len(entries)
 
     todo = [image_id for image_id in ids if image_id not in entries]
-    decoded = 0
+    decoded = failed = 0
     try:
         jobs = [(image_id, images[image_id], size, decode) for image_id in todo]
-        with tqdm(total=len(todo), desc=description, unit="img", disable=not (progress and todo)) as bar:
+        with contextlib.ExitStack() as stack:
+            bar = stack.enter_context(progress_bar(len(todo), description, unit="img")) if progress and todo else None
             for image_id, pixels, geometry, error in _decode_all(jobs, workers):
                 entry: dict[str, Any] = {"slot": slots[image_id], "file": keys[image_id]}
                 if error is None:
@@ -125,9 +136,11 @@ def build_cache(
                     entry.update(geometry)
                 else:
                     entry["error"] = error
+                    failed += 1
                 entries[image_id] = entry
                 decoded += 1
-                bar.update()
+                if bar is not None:
+                    bar.update(1, unusable=failed)
                 if decoded % flush_every == 0:
                     _save(directory, size, array, array_path, entries)
     finally:  # also on KeyboardInterrupt: keep what is done
@@ -140,7 +153,22 @@ def build_cache(
         errors={i: e["error"] for i, e in entries.items() if "error" in e},
         decoded=decoded,
         reused=reused,
+        failed=failed,
     )
+
+
+def cached_errors(directory: Path, images: Mapping[str, Path], size: int) -> tuple[dict[str, str], int]:
+    """What the cache already knows, without decoding: (image id -> why it cannot be decoded,
+    how many images it has not decoded yet or whose file changed since)."""
+    entries = _load_index(directory, size)["entries"]
+    errors, unknown = {}, 0
+    for image_id, path in images.items():
+        entry = entries.get(image_id)
+        if entry is None or entry["file"] != _file_key(path):
+            unknown += 1
+        elif "error" in entry:
+            errors[image_id] = entry["error"]
+    return errors, unknown
 
 
 def decode_to_cache(path: Path, size: int, decode: Decoder = read_image) -> tuple[np.ndarray, dict[str, Any]]:
@@ -165,11 +193,54 @@ def _decode_all(jobs: list[tuple[str, Path, int, Decoder]], workers: int) -> Ite
     if workers <= 1:
         yield from map(_decode_job, jobs)
         return
-    pool = ProcessPoolExecutor(max_workers=workers)
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
     try:
         yield from pool.map(_decode_job, jobs, chunksize=4)
     finally:  # an interrupted build must not wait for the queued jobs
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent: int) -> None:
+    """Worker initializer: end this process when ``parent`` dies, even by SIGKILL.
+
+    A pool's workers wait on a pipe that they hold open themselves, so a parent killed without
+    shutting the pool down would leave them waiting for ever, each holding its memory. On Linux
+    the kernel sends them SIGKILL when their parent goes (``prctl(PR_SET_PDEATHSIG)``); elsewhere a
+    thread watches for the worker being handed to another parent. Both first check that the
+    parent did not die before the worker got here.
+    """
+    direct = os.getppid()  # ``parent`` itself, or a fork server that dies with it
+    if direct != parent and not _alive(parent):
+        os._exit(1)
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != direct:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_exit_when_orphaned, args=(direct,), name="corex-parent-watch", daemon=True).start()
+
+
+def _exit_when_orphaned(direct: int, interval: float = 1.0) -> None:
+    while os.getppid() == direct:
+        time.sleep(interval)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _file_key(path: Path) -> list[Any] | None:
@@ -192,6 +263,26 @@ def _load_index(directory: Path, size: int) -> dict[str, Any]:
     if index.get("settings") != cache_settings(size):
         return {"entries": {}}
     return index
+
+
+def _check_space(directory: Path, shape: tuple[int, int, int]) -> None:
+    """Refuse a cache the disk cannot hold now, rather than fail (or fill the disk) halfway."""
+    needed = int(np.prod(shape, dtype=np.int64)) * np.dtype(np.uint16).itemsize
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise DataError(
+            directory,
+            f"the decoded cache of {shape[0]} images at {shape[1]} px needs {_in_bytes(needed)}, but only "
+            f"{_in_bytes(free)} are free there; choose a smaller image_size or another data.cache_dir",
+        )
+
+
+def _in_bytes(count: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    return f"{count:.3g} TB"
 
 
 def _create_array(path: Path, shape: tuple[int, int, int]) -> np.ndarray:

@@ -100,11 +100,19 @@ def read_dicom(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         raise DataError(path, f"pixel data cannot be decoded ({_describe(error)})") from None
 
     try:
-        image, voi = _apply_voi(apply_modality_lut(stored, ds), ds, path)
+        _check_finite(ds, path)
+        # A NaN or infinity would spread silently (an all-black image): refused below instead.
+        with np.errstate(over="ignore", invalid="ignore"):
+            modality = apply_modality_lut(stored, ds)
+            if not np.isfinite(modality).all():
+                raise DataError(path, "the modality transform (Rescale Slope/Intercept or LUT) gives values that are not finite")
+            image, voi = _apply_voi(modality, ds, path)
     except DataError:
         raise
     except Exception as error:  # a malformed LUT or window element
         raise DataError(path, f"modality or VOI transform failed ({_describe(error)})") from None
+    if not np.isfinite(image).all():
+        raise DataError(path, f"the VOI transform ({voi}) gives values that are not finite")
     if photometric == "MONOCHROME1":
         image = 1.0 - image
     info = {
@@ -116,6 +124,17 @@ def read_dicom(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         "voi": voi,
     }
     return image.astype(np.float32, copy=False), info
+
+
+def _check_finite(ds: Dataset, path: Path) -> None:
+    """Refuse a NaN or infinite rescale or window value (a header the transforms cannot use)."""
+    for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        value = ds.get(keyword)
+        if value in (None, ""):
+            continue
+        values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+        if not all(np.isfinite(float(v)) for v in values):
+            raise DataError(path, f"{keyword} is not a finite number ({value}); the image cannot be normalised")
 
 
 def _apply_voi(modality: np.ndarray, ds: Dataset, path: Path) -> tuple[np.ndarray, str]:

@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from corex.errors import CorexError
 
-class DataError(ValueError):
+
+class DataError(CorexError, ValueError):
     """An unusable file or CSV row: ``str(error)`` is ``"<path>: <reason>"``.
 
-    A subclass of ``ValueError`` so the core reports it like any other bad recipe value.
+    A :class:`corex.errors.CorexError`, so the command line prints it as a message (exit code 2)
+    wherever it is raised: building the source, ``corex data prepare`` or the first batch of a
+    run. Still a ``ValueError`` for code that catches that.
     ``problems`` lists every ``{"path", "reason"}`` it stands for: one, or all of them for
     an error from :meth:`collected`.
     """

@@ -47,9 +47,9 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     generate_uid,
 )
-from tqdm import tqdm
 
 from corex import hookimpl
+from corex.progress import progress as progress_bar
 from corex_cxr.anatomy import Pose, Thorax, blob, blur, draw_thorax, ramp, smooth_noise, superellipse
 
 CLASS_COLUMNS = (
@@ -405,16 +405,23 @@ def _write(
     root: Path, plan: list[StudyPlan], seed: int, size: int, difficulty: float, progress: bool
 ) -> None:
     study_rows, image_rows = [], []
-    for study in tqdm(plan, desc="phantom", unit="study", disable=not progress):
-        one_hot = [int(c == study.label) for c in range(len(CLASS_COLUMNS))]
-        study_rows.append([f"{study.uid}_study", *one_hot])
-        for image in study.images:
-            rng = np.random.default_rng((seed, study.index, image.index))
-            pixels, boxes = render_study(rng, study.truth, size, difficulty)
-            folder = root / "train" / study.uid / image.series_uid
-            folder.mkdir(parents=True, exist_ok=True)
-            _dicom(pixels, study, image).save_as(folder / f"{image.uid}.dcm", enforce_file_format=True)
-            image_rows.append([f"{image.uid}_image", *_box_columns(boxes if image.boxed else []), study.uid])
+    bar = progress_bar(len(plan), "phantom", unit="study") if progress else None
+    try:
+        for study in plan:
+            one_hot = [int(c == study.label) for c in range(len(CLASS_COLUMNS))]
+            study_rows.append([f"{study.uid}_study", *one_hot])
+            for image in study.images:
+                rng = np.random.default_rng((seed, study.index, image.index))
+                pixels, boxes = render_study(rng, study.truth, size, difficulty)
+                folder = root / "train" / study.uid / image.series_uid
+                folder.mkdir(parents=True, exist_ok=True)
+                _dicom(pixels, study, image).save_as(folder / f"{image.uid}.dcm", enforce_file_format=True)
+                image_rows.append([f"{image.uid}_image", *_box_columns(boxes if image.boxed else []), study.uid])
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     _write_csv(root / "train_study_level.csv", ["id", *CLASS_COLUMNS], study_rows)
     _write_csv(root / "train_image_level.csv", ["id", "boxes", "label", "StudyInstanceUID"], image_rows)
 

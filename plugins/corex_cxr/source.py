@@ -7,8 +7,9 @@ hands them to :meth:`CxrSource._accept`. :class:`CxrSource` does the rest:
 
 * ``on_bad_sample: error`` raises one :class:`DataError` listing every problem: at construction
   for what the layout and headers show (missing files, malformed CSV rows, non-DICOM files), and
-  in :meth:`CxrSource.prepare` for files that fail to decode. ``skip`` drops them and lists them
-  in :meth:`CxrSource.skipped`: nothing is dropped silently.
+  in :meth:`CxrSource.prepare` for files that fail to decode. ``skip`` drops them, lists them in
+  :meth:`CxrSource.skipped` and in ``skipped.json`` beside the cache, and says how many on
+  stderr: nothing is dropped silently.
 * Splits are assigned per patient (see :mod:`corex_cxr.splits`) when the source is built, so they
   do not depend on which files later fail to decode.
 * Pixels are decoded once into the cache (:mod:`corex_cxr.cache`) by :meth:`CxrSource.prepare`, or
@@ -19,17 +20,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from corex_cxr.cache import RESIZE, CachedImages, CachedItem, CacheBuild, build_cache, cache_settings
+from corex.rundir import write_json
+from corex_cxr.cache import RESIZE, CachedImages, CachedItem, CacheBuild, Decoder, build_cache, cache_settings, cached_errors
 from corex_cxr.dicom import PERCENTILES, Box, transform_boxes
 from corex_cxr.errors import DataError
+from corex_cxr.images import read_image
 from corex_cxr.splits import SPLITS, assign_splits, check_split_options, label_subset, patient_stratum
 
 CLASS_NAMES = ("negative", "typical", "indeterminate", "atypical")
+MAX_IMAGE_SIZE = 4096  # the recipe's own limit too (corex.recipe.IMAGE_SIZES)
 BadSamplePolicy = Literal["error", "skip"]
 
 
@@ -50,6 +55,8 @@ class CxrSource:
     """A :class:`corex.interfaces.DataSource` over a list of :class:`Sample`."""
 
     class_names = CLASS_NAMES
+    # Path -> float32 [0, 1] image; a module-level function, so that decoding workers can run it.
+    decoder: Decoder = staticmethod(read_image)
 
     def __init__(
         self,
@@ -100,7 +107,11 @@ class CxrSource:
     # -- the DataSource protocol ---------------------------------------------------------------
 
     def prepare(self) -> CacheBuild:
-        """Decode every image into the cache now (with a progress bar); reused when up to date."""
+        """Decode every image into the cache now (with a progress bar); reused when up to date.
+
+        Ends with a line on stderr: images decoded now, reused from the cache, skipped, and where
+        the cache (and under ``on_bad_sample: skip``, the list of skipped samples) is.
+        """
         if self._cache is not None:
             return self._cache
         paths = {sample.image_id: sample.path for sample in self._samples}
@@ -109,6 +120,7 @@ class CxrSource:
             paths,
             self.image_size,
             workers=self.workers,
+            decode=self.decoder,
             description=f"{self.name}: decoding to {self.image_size}px cache",
         )
         if build.errors:
@@ -118,7 +130,26 @@ class CxrSource:
             self._skipped.extend(problems)
             self._samples = [sample for sample in self._samples if sample.image_id not in build.errors]
         self._cache = build
+        if self._skipped:
+            write_json(self.skipped_list, {"on_bad_sample": self.on_bad_sample, "skipped": self._skipped})
+        else:
+            self.skipped_list.unlink(missing_ok=True)  # an old list that no longer applies
+        print(self._summary(build), file=sys.stderr)
         return build
+
+    @property
+    def skipped_list(self) -> Path:
+        """Where :meth:`prepare` writes the samples skipped under ``on_bad_sample: skip``."""
+        return self.cache_path / "skipped.json"
+
+    def _summary(self, build: CacheBuild) -> str:
+        """``siim: 310 images decoded, 0 reused from the cache, 3 skipped (... the list is in ...); cache: ...``."""
+        reused_errors = len(build.errors) - build.failed
+        decoded, reused = build.decoded - build.failed, build.reused - reused_errors
+        text = f"{self.name}: {decoded} images decoded, {reused} reused from the cache, {len(self._skipped)} skipped"
+        if self._skipped:
+            text += f" (unusable, on_bad_sample: skip; the list is in {self.skipped_list})"
+        return f"{text}; cache: {self.cache_path}"
 
     def split(self, name: str, label_fraction: float = 1.0) -> CachedImages:
         """The images of split ``name``; with ``label_fraction < 1`` a nested subset of its
@@ -147,8 +178,10 @@ class CxrSource:
         return CachedImages(cache.array, self.image_size, items)
 
     def describe(self) -> dict[str, Any]:
-        """Per split: images, studies, patients and studies per class (no decoding needed)."""
-        summary = {}
+        """Per split: images, studies, patients and studies per class (no decoding needed), and
+        ``unusable``: samples skipped for what the layout shows, and images that cannot be
+        decoded as far as the cache knows (``not_checked``: images it has not decoded yet)."""
+        summary: dict[str, Any] = {}
         for name in SPLITS:
             samples = self._in_split(name)
             study_label = {sample.study_id: sample.label for sample in samples}
@@ -161,7 +194,28 @@ class CxrSource:
                     for index, class_name in enumerate(self.class_names)
                 },
             }
+        summary["unusable"] = self._unusable()
         return summary
+
+    def _unusable(self) -> dict[str, Any]:
+        paths = {sample.image_id: sample.path for sample in self._samples}
+        # After prepare() in this process the undecodable ones are skipped already, so none remain.
+        errors, unknown = cached_errors(self.cache_path, paths, self.image_size)
+        undecodable = len(errors)
+        if unknown:
+            note = (f"images that cannot be decoded: {undecodable} known, {unknown} of {len(paths)} not checked yet "
+                    "(only decoding tells; `corex data prepare` decodes them all)")
+        else:
+            note = f"images that cannot be decoded: {undecodable} (every image checked by the cache)"
+        if self._skipped:
+            note += f"; {len(self._skipped)} sample(s) skipped by on_bad_sample: skip"
+        return {
+            "skipped": len(self._skipped),
+            "undecodable": undecodable,
+            "not_checked": unknown,
+            "images": len(paths),
+            "note": note,
+        }
 
     def skipped(self) -> list[dict[str, Any]]:
         """Every sample dropped under ``on_bad_sample: skip``, as ``{"path", "reason"}``."""
@@ -193,6 +247,10 @@ def check_source_options(*, image_size: int, on_bad_sample: str, workers: int) -
     """Raise a specific ``ValueError`` for source options that are well-typed but wrong."""
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8 pixels, got {image_size}.")
+    if image_size > MAX_IMAGE_SIZE:
+        raise ValueError(
+            f"image_size must be at most {MAX_IMAGE_SIZE} pixels (the decoded cache holds 2 bytes per pixel), got {image_size}."
+        )
     if on_bad_sample not in ("error", "skip"):
         raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}.")
     if workers < 0:

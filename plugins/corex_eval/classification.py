@@ -3,8 +3,9 @@
 The paper's four classes (negative for pneumonia, typical, indeterminate and atypical appearance
 of COVID-19) are imbalanced and the last three are hard to tell apart, so accuracy alone hides
 what matters for deployment. This evaluator reports balanced accuracy and macro-F1 next to
-accuracy, F1 and AUROC per class, how well the confidences are calibrated, and a bootstrap 95%
-interval for the headline figures.
+accuracy, F1, AUROC and average precision per class, the challenge's own score (``study_map``),
+how well the confidences are calibrated (before and after temperature scaling), and bootstrap 95%
+intervals for the headline figures.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from typing import Any, Literal
 
 import torch
 import torchmetrics.functional.classification as tmf
-from matplotlib.figure import Figure
 from torch import Tensor
 from torch.nn.functional import one_hot
 
-from corex_eval.artefacts import number, save_figure, slug, write_csv
+from corex_eval.artefacts import number, slug, write_csv
+from corex_eval.average_precision import average_precision_per_class
+from corex_eval.bootstrap import cluster_index, percentile_intervals, resample_blocks
+from corex_eval.calibration import fit_temperature, unit_probabilities, weighted_brier, weighted_ece
+from corex_eval.figures import plot_confusion, plot_precision_recall, plot_reliability, plot_roc
 
-INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "study_map", "ece", "brier")
+CALIBRATED_METRICS = ("ece/calibrated", "brier/calibrated")
 
 
 class ClassificationEvaluator:
@@ -43,18 +48,36 @@ class ClassificationEvaluator:
     * ``auroc``: macro one-vs-rest AUROC, and ``auroc/<class>``. A class without positive (or
       without negative) samples has no AUROC: it is ``nan`` and left out of the macro average,
       with a warning naming it.
+    * ``study_map``: the SIIM-FISABIO-RSNA challenge's study-level score, the mean over classes of
+      ``ap/<class>``, each class's PASCAL VOC 2010 average precision (all-point interpolation with
+      the monotone precision envelope; see :mod:`corex_eval.average_precision` for why, and how it
+      differs from scikit-learn's). A class without a positive has no AP and is left out.
     * ``ece``: expected calibration error of the top-class confidence over ``calibration_bins``
       equal-width bins (Guo et al. 2017; 15 bins is their default).
     * ``brier``: multi-class Brier score, the mean over samples of ``sum_k (p_k - y_k)^2``
       (0 is perfect, 2 the worst).
     * ``n``: the number of scored studies (or images).
+    * After temperature scaling, only when :meth:`calibration_update` was fed labelled data:
+      ``temperature``, ``ece/calibrated`` and ``brier/calibrated``.
 
     ``<class>`` is the class name in lower case with other characters replaced by ``_``
     (``f1/typical``). Samples with ``label == -1`` are skipped.
 
+    Temperature scaling. The engine feeds the validation split through :meth:`calibration_update`
+    before an evaluate stage on another split; one temperature ``T`` is then fitted by minimising
+    the negative log-likelihood of the validation studies' labels (study probability = mean of
+    its images' ``softmax(logits / T)``, as scored) and applied to the scored split. It changes no
+    prediction, only the confidences. :meth:`reset` keeps the calibration data, so one fit serves
+    the whole stage; :meth:`reset_calibration` drops it.
+
     :meth:`intervals` gives 95% percentile-bootstrap intervals of ``accuracy``,
-    ``balanced_accuracy``, ``macro_f1`` and ``auroc``, resampling studies (or images)
-    ``bootstrap`` times with a fixed ``seed``; ``bootstrap=0`` disables them.
+    ``balanced_accuracy``, ``macro_f1``, ``auroc``, ``study_map``, ``ece`` and ``brier`` (and the
+    calibrated ECE and Brier, with ``T`` held at its fitted value), ``bootstrap`` resamples with a
+    fixed ``seed``; ``bootstrap=0`` disables them. A resample draws *patients* (``patient_id``)
+    with replacement and takes all their studies, as a patient's studies are not independent;
+    without patient ids each study is its own patient.
+
+    ``split`` (supplied by the core) only labels the figures.
     """
 
     def __init__(
@@ -66,6 +89,7 @@ class ClassificationEvaluator:
         bootstrap: int = 1000,
         calibration_bins: int = 15,
         seed: int = 0,
+        split: str = "test",
     ) -> None:
         slugs = [slug(name) for name in class_names]
         if len(slugs) < 2:
@@ -85,19 +109,31 @@ class ClassificationEvaluator:
         self.bootstrap = bootstrap
         self.calibration_bins = calibration_bins
         self.seed = seed
+        self.split = split
         self.reset()
+        self.reset_calibration()
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def reset(self) -> None:
-        self._probabilities: list[Tensor] = []
-        self._labels: list[Tensor] = []
-        self._study_ids: list[str] = []
-        self._image_ids: list[str] = []
+        """Forget the scored data (the calibration data stay: see :meth:`reset_calibration`)."""
+        self._scored = _Store()
+
+    def reset_calibration(self) -> None:
+        self._calibration = _Store()
+        self._temperature: float | None = None
 
     def update(self, batch: Mapping[str, Any], outputs: Mapping[str, Tensor]) -> None:
+        self._scored.add(*self._read(batch, outputs), batch)
+
+    def calibration_update(self, batch: Mapping[str, Any], outputs: Mapping[str, Tensor]) -> None:
+        """Collect held-out (validation) logits to fit the temperature on."""
+        self._calibration.add(*self._read(batch, outputs), batch)
+        self._temperature = None
+
+    def _read(self, batch: Mapping[str, Any], outputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         if self.head not in outputs:
             raise ValueError(f"head {self.head!r} is not among the outputs {sorted(outputs)}.")
         logits = outputs[self.head].detach().float().cpu()
@@ -107,41 +143,63 @@ class ClassificationEvaluator:
         labels = batch["label"].detach().long().cpu()
         if ((labels < -1) | (labels >= self.num_classes)).any():
             raise ValueError(f"labels must lie in -1..{self.num_classes - 1}, got {labels.tolist()}.")
-        labelled = labels >= 0
-        self._probabilities.append(torch.softmax(logits, dim=1)[labelled])
-        self._labels.append(labels[labelled])
-        keep = labelled.tolist()
-        self._study_ids += [s for s, k in zip(batch["study_id"], keep, strict=True) if k]
-        self._image_ids += [i for i, k in zip(batch["image_id"], keep, strict=True) if k]
+        return logits, labels
 
-    def scored(self) -> tuple[list[str], Tensor, Tensor]:
+    # -- the scored units -------------------------------------------------------------------------
+
+    def _units(self, store: _Store) -> _Units:
+        """Group a store's images into the scored units (studies, or images at image level)."""
+        if not store.study_ids:
+            return _Units([], torch.empty(0, self.num_classes), torch.empty(0, dtype=torch.long),
+                          torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), None)
+        logits, labels = torch.cat(store.logits), torch.cat(store.labels)
+        keys = store.image_ids if self.level == "image" else store.study_ids
+        unit = cluster_index(keys)
+        count = int(unit.max()) + 1
+        ids = list(dict.fromkeys(keys))
+        unit_labels = torch.empty(count, dtype=torch.long).scatter_(0, unit, labels)
+        disagree = (unit_labels[unit] != labels).nonzero().flatten().tolist()
+        if disagree:
+            raise ValueError(f"study {store.study_ids[disagree[0]]!r} has images with different labels.")
+        first_image = torch.full((count,), len(unit), dtype=torch.long).scatter_reduce(
+            0, unit, torch.arange(len(unit)), reduce="amin")
+        patients = None if store.patient_ids is None else [store.patient_ids[i] for i in first_image.tolist()]
+        # Bootstrap clusters: a unit's patient, else its study (the images of a study go together).
+        cluster_keys = patients or [store.study_ids[i] for i in first_image.tolist()]
+        return _Units(ids, logits, unit, unit_labels, cluster_index(cluster_keys), patients)
+
+    def scored(self, temperature: float = 1.0) -> tuple[list[str], Tensor, Tensor]:
         """The scored units: their ids, probabilities ``(N, K)`` and labels ``(N,)``.
 
-        At study level, the mean probabilities of each study's images, in order of first sight.
+        At study level, the mean probabilities of each study's images, in order of first sight;
+        ``temperature`` divides the logits first.
         """
-        if not self._labels:
-            return [], torch.empty(0, self.num_classes), torch.empty(0, dtype=torch.long)
-        probabilities, labels = torch.cat(self._probabilities), torch.cat(self._labels)
-        if self.level == "image":
-            return list(self._image_ids), probabilities, labels
-        position: dict[str, int] = {}
-        study = torch.tensor([position.setdefault(s, len(position)) for s in self._study_ids])
-        images_per_study = torch.bincount(study, minlength=len(position))
-        mean = torch.zeros(len(position), self.num_classes).index_add_(0, study, probabilities)
-        mean /= images_per_study[:, None]
-        study_labels = torch.empty(len(position), dtype=torch.long).scatter_(0, study, labels)
-        disagree = (study_labels[study] != labels).nonzero().flatten().tolist()
-        if disagree:
-            raise ValueError(f"study {self._study_ids[disagree[0]]!r} has images with different labels.")
-        return list(position), mean, study_labels
+        units = self._units(self._scored)
+        return units.ids, units.probabilities(temperature), units.labels
+
+    @property
+    def temperature(self) -> float | None:
+        """The temperature fitted on the calibration data, ``None`` without labelled ones."""
+        if self._temperature is None:
+            units = self._units(self._calibration)
+            if units.ids:
+                self._temperature = fit_temperature(units.logits, units.unit, units.labels)
+        return self._temperature
+
+    # -- metrics ----------------------------------------------------------------------------------
 
     def compute(self) -> dict[str, float]:
-        ids, probabilities, labels = self.scored()
-        if not ids:
-            return {name: math.nan for name in self._metric_names()} | {"n": 0.0}
+        units = self._units(self._scored)
+        temperature = self.temperature
+        calibrated = {} if temperature is None else {"temperature": temperature}
+        if not units.ids:
+            empty = {name: math.nan for name in self._metric_names()} | {"n": 0.0}
+            return empty | {name: math.nan for name in CALIBRATED_METRICS if calibrated} | calibrated
+        probabilities, labels = units.probabilities(), units.labels
         k = self.num_classes
         f1 = tmf.multiclass_f1_score(probabilities, labels, k, average=None)
         auroc = self._auroc_per_class(probabilities, labels)
+        ap = average_precision_per_class(probabilities, labels)
         metrics = {
             "accuracy": tmf.multiclass_accuracy(probabilities, labels, k, average="micro"),
             "balanced_accuracy": tmf.multiclass_accuracy(probabilities, labels, k, average="macro"),
@@ -149,66 +207,92 @@ class ClassificationEvaluator:
             **{f"f1/{name}": value for name, value in zip(self.slugs, f1)},
             "auroc": auroc.nanmean(),
             **{f"auroc/{name}": value for name, value in zip(self.slugs, auroc)},
+            "study_map": ap.nanmean(),
+            **{f"ap/{name}": value for name, value in zip(self.slugs, ap)},
             "ece": tmf.multiclass_calibration_error(probabilities, labels, k, self.calibration_bins),
             "brier": (probabilities - one_hot(labels, k)).pow(2).sum(1).mean(),
         }
-        return {name: float(value) for name, value in metrics.items()} | {"n": float(len(ids))}
+        if temperature is not None:
+            tempered = units.probabilities(temperature)
+            metrics["ece/calibrated"] = tmf.multiclass_calibration_error(tempered, labels, k, self.calibration_bins)
+            metrics["brier/calibrated"] = (tempered - one_hot(labels, k)).pow(2).sum(1).mean()
+        return {name: float(value) for name, value in metrics.items()} | {"n": float(len(units.ids))} | calibrated
 
     def intervals(self) -> dict[str, tuple[float, float]]:
-        """95% percentile-bootstrap intervals, resampling the scored studies (or images)."""
-        ids, probabilities, labels = self.scored()
-        if self.bootstrap == 0 or not ids:
+        """95% percentile-bootstrap intervals, resampling patients (each with all its studies)."""
+        units = self._units(self._scored)
+        if self.bootstrap == 0 or not units.ids:
             return {}
-        n = len(ids)
-        generator = torch.Generator().manual_seed(self.seed)
-        rows_per_chunk = max(1, 2**21 // n)  # caps each (resamples, n) float64 tensor at 16 MiB
-        chunks = []
-        for start in range(0, self.bootstrap, rows_per_chunk):
-            rows = min(rows_per_chunk, self.bootstrap - start)
-            draws = torch.randint(n, (rows, n), generator=generator)
-            # A resample is how often each unit was drawn, so a chunk of resamples is scored at once.
-            ones = torch.ones(draws.shape, dtype=torch.float64)
-            counts = torch.zeros_like(ones).scatter_add_(1, draws, ones)
-            chunks.append(weighted_metrics(probabilities, labels, counts))
-        quantiles = torch.tensor([0.025, 0.975], dtype=torch.float64)
-        return {
-            name: tuple(torch.nanquantile(torch.cat([c[name] for c in chunks]), quantiles).tolist())
-            for name in INTERVAL_METRICS
-        }
+        probabilities, labels = units.probabilities(), units.labels
+        temperature = self.temperature
+        tempered = None if temperature is None else units.probabilities(temperature)
+        values: dict[str, list[Tensor]] = {}
+        for counts in resample_blocks(units.clusters, self.bootstrap, self.seed):
+            block = weighted_metrics(probabilities, labels, counts)
+            block["study_map"] = average_precision_per_class(probabilities, labels, counts).nanmean(-1)
+            block["ece"] = weighted_ece(probabilities, labels, counts, self.calibration_bins)
+            block["brier"] = weighted_brier(probabilities, labels, counts)
+            if tempered is not None:
+                block["ece/calibrated"] = weighted_ece(tempered, labels, counts, self.calibration_bins)
+                block["brier/calibrated"] = weighted_brier(tempered, labels, counts)
+            for name, value in block.items():
+                values.setdefault(name, []).append(value)
+        return percentile_intervals(values)
+
+    # -- artefacts --------------------------------------------------------------------------------
 
     def save(self, out_dir: Path) -> None:
-        """Write ``confusion_matrix.png``, ``reliability.png``, ``per_class.csv`` and
-        ``predictions.csv`` to ``out_dir`` (nothing when no labelled sample was seen)."""
-        ids, probabilities, labels = self.scored()
-        if not ids:
+        """Write ``confusion_matrix.png``, ``reliability.png``, ``roc.png``, ``pr.png``,
+        ``per_class.csv`` and ``predictions.csv`` to ``out_dir`` (nothing when no labelled sample
+        was seen)."""
+        units = self._units(self._scored)
+        if not units.ids:
             return
         out_dir = Path(out_dir)
+        probabilities, labels, ids = units.probabilities(), units.labels, units.ids
         predicted = probabilities.argmax(1)
-        self._plot_confusion(predicted, labels, out_dir / "confusion_matrix.png")
-        self._plot_reliability(probabilities, labels, out_dir / "reliability.png")
-
+        where = f"{self.split} split, {self.level} level"
         k = self.num_classes
+        auroc = self._auroc_per_class(probabilities, labels)
+        ap = average_precision_per_class(probabilities, labels)
+        plot_confusion(predicted, labels, self.class_names, where, self.level, out_dir / "confusion_matrix.png")
+        ece = float(tmf.multiclass_calibration_error(probabilities, labels, k, self.calibration_bins))
+        calibrated = None
+        if self.temperature is not None:
+            tempered = units.probabilities(self.temperature)
+            ece_after = float(tmf.multiclass_calibration_error(tempered, labels, k, self.calibration_bins))
+            calibrated = (tempered, ece_after, self.temperature)
+        plot_reliability(probabilities, labels, self.calibration_bins, ece, where, self.level,
+                         out_dir / "reliability.png", calibrated)
+        plot_roc(probabilities, labels, self.class_names, auroc, where, out_dir / "roc.png")
+        plot_precision_recall(probabilities, labels, self.class_names, ap, where, out_dir / "pr.png")
+
         per_class = [
             tmf.multiclass_precision(predicted, labels, k, average=None),
             tmf.multiclass_recall(predicted, labels, k, average=None),
             tmf.multiclass_f1_score(predicted, labels, k, average=None),
-            self._auroc_per_class(probabilities, labels),
+            auroc,
         ]
         support = torch.bincount(labels, minlength=k)
         write_csv(
             out_dir / "per_class.csv",
-            ["class", "precision", "recall", "f1", "auroc", "support"],
+            ["class", "precision", "recall", "f1", "auroc", "support", "ap"],
             [
-                [name, *(number(column[c]) for column in per_class), int(support[c])]
+                [name, *(number(column[c]) for column in per_class), int(support[c]), number(ap[c])]
                 for c, name in enumerate(self.class_names)
             ],
         )
+        # New columns go at the end, so readers of earlier files keep working.
+        header = [f"{self.level}_id", "label", "predicted", *(f"p_{name}" for name in self.slugs)]
+        extra = [] if units.patients is None else [[patient] for patient in units.patients]
+        if units.patients is not None:
+            header.append("patient_id")
         write_csv(
             out_dir / "predictions.csv",
-            [f"{self.level}_id", "label", "predicted", *(f"p_{name}" for name in self.slugs)],
+            header,
             [
-                [unit, self.class_names[y], self.class_names[p], *map(number, row.tolist())]
-                for unit, y, p, row in zip(ids, labels.tolist(), predicted.tolist(), probabilities)
+                [unit, self.class_names[y], self.class_names[p], *map(number, row.tolist()), *(extra[i] if extra else [])]
+                for i, (unit, y, p, row) in enumerate(zip(ids, labels.tolist(), predicted.tolist(), probabilities))
             ],
         )
 
@@ -222,6 +306,8 @@ class ClassificationEvaluator:
             *(f"f1/{name}" for name in self.slugs),
             "auroc",
             *(f"auroc/{name}" for name in self.slugs),
+            "study_map",
+            *(f"ap/{name}" for name in self.slugs),
             "ece",
             "brier",
         ]
@@ -242,51 +328,44 @@ class ClassificationEvaluator:
             warnings.warn(message, stacklevel=3)
         return auroc
 
-    def _plot_confusion(self, predicted: Tensor, labels: Tensor, path: Path) -> None:
-        counts = tmf.multiclass_confusion_matrix(predicted, labels, self.num_classes)
-        rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
-        figure = Figure(figsize=(11, 5), layout="constrained")
-        for axes, table, title, fmt in zip(
-            figure.subplots(1, 2),
-            (counts, rates),
-            ("counts", "row-normalised (recall on the diagonal)"),
-            ("{:.0f}", "{:.2f}"),
-        ):
-            axes.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-            for true in range(self.num_classes):
-                for pred in range(self.num_classes):
-                    colour = "white" if rates[true, pred] > 0.5 else "black"
-                    label = fmt.format(float(table[true, pred]))
-                    axes.text(pred, true, label, ha="center", va="center", color=colour)
-            ticks = range(self.num_classes)
-            axes.set_xticks(ticks, self.class_names, rotation=30, ha="right")
-            axes.set_yticks(ticks, self.class_names)
-            axes.set(xlabel="predicted", ylabel="true", title=title)
-        save_figure(figure, path)
 
-    def _plot_reliability(self, probabilities: Tensor, labels: Tensor, path: Path) -> None:
-        confidence, predicted = probabilities.max(1)
-        correct = (predicted == labels).float()
-        bins = self.calibration_bins
-        # Same binning as torchmetrics' calibration error: [lower, upper) bins of equal width.
-        edges = torch.linspace(0, 1, bins + 1)
-        which = (torch.bucketize(confidence, edges, right=True) - 1).clamp(max=bins - 1)
-        # matplotlib gets numpy arrays: it warns about tensors under numpy 2.
-        count = torch.bincount(which, minlength=bins).float().numpy()
-        accuracy = torch.bincount(which, correct, minlength=bins).numpy() / count.clip(min=1)
-        centres = (torch.arange(bins).numpy() + 0.5) / bins
-        filled = count > 0
-        ece = tmf.multiclass_calibration_error(probabilities, labels, self.num_classes, n_bins=bins)
+class _Store:
+    """Per-image logits, labels and ids of the labelled images seen so far."""
 
-        figure = Figure(figsize=(5, 6), layout="constrained")
-        top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-        top.bar(centres[filled], accuracy[filled], width=1 / bins, edgecolor="black", label="accuracy")
-        top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-        top.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"reliability (ECE {float(ece):.3f})")
-        top.legend(loc="upper left")
-        bottom.bar(centres, count, width=1 / bins, edgecolor="black", color="grey")
-        bottom.set(xlabel="top-class confidence", ylabel=f"{self.level} count")
-        save_figure(figure, path)
+    def __init__(self) -> None:
+        self.logits: list[Tensor] = []
+        self.labels: list[Tensor] = []
+        self.study_ids: list[str] = []
+        self.image_ids: list[str] = []
+        self.patient_ids: list[str] | None = []  # None once a batch came without them
+
+    def add(self, logits: Tensor, labels: Tensor, batch: Mapping[str, Any]) -> None:
+        labelled = labels >= 0
+        keep = labelled.tolist()
+        self.logits.append(logits[labelled])
+        self.labels.append(labels[labelled])
+        self.study_ids += [s for s, k in zip(batch["study_id"], keep, strict=True) if k]
+        self.image_ids += [i for i, k in zip(batch["image_id"], keep, strict=True) if k]
+        patients = batch.get("patient_id")
+        if patients is None or self.patient_ids is None:
+            self.patient_ids = None
+        else:
+            self.patient_ids += [str(p) for p, k in zip(patients, keep, strict=True) if k]
+
+
+class _Units:
+    """The scored units of a store: per-image logits and the unit of each image, per-unit labels,
+    bootstrap clusters (patients) and patient ids (``None`` when the batches had none)."""
+
+    def __init__(self, ids: list[str], logits: Tensor, unit: Tensor, labels: Tensor, clusters: Tensor,
+                 patients: list[str] | None) -> None:
+        self.ids, self.logits, self.unit, self.labels = ids, logits, unit, labels
+        self.clusters, self.patients = clusters, patients
+
+    def probabilities(self, temperature: float = 1.0) -> Tensor:
+        if not self.ids:
+            return torch.empty(0, self.logits.shape[1])
+        return unit_probabilities(self.logits, self.unit, len(self.ids), temperature)
 
 
 def weighted_metrics(probabilities: Tensor, labels: Tensor, weights: Tensor) -> dict[str, Tensor]:

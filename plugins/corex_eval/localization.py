@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from matplotlib.lines import Line2D
+
 from corex_eval.artefacts import save_gallery
+from corex_eval.bootstrap import cluster_index, percentile_intervals, resample_blocks
 
 INTERVAL_METRICS = ("pointing_game", "saliency_in_mask")
 
@@ -51,9 +54,11 @@ class LocalizationEvaluator:
     ``mask_area``: no evidence is no better and no worse than chance.
 
     :meth:`intervals` gives 95% percentile-bootstrap intervals of ``pointing_game`` and
-    ``saliency_in_mask``, resampling the scored images ``bootstrap`` times with a fixed ``seed``
-    (0 disables them). :meth:`save` draws the first ``max_examples`` scored images with their
-    maps and mask outlines; only those, and three numbers per image, are kept in memory.
+    ``saliency_in_mask``, ``bootstrap`` resamples with a fixed ``seed`` (0 disables them); a
+    resample draws patients (``patient_id``; else studies; else images) with all their scored
+    images. :meth:`save` draws the first ``max_examples`` scored images with their maps, the
+    maps' maxima and mask outlines; only those, and three numbers per image, are kept in memory.
+    ``split`` (supplied by the core) only labels the figure.
 
     The model is in eval mode and is not changed: gradients are taken with respect to the
     feature maps only (``torch.autograd.grad``), so no parameter's ``.grad`` is touched.
@@ -70,6 +75,7 @@ class LocalizationEvaluator:
         max_examples: int = 8,
         bootstrap: int = 1000,
         seed: int = 0,
+        split: str = "test",
     ) -> None:
         if len(class_names) < 2:
             raise ValueError(f"class_names needs at least 2 classes, got {list(class_names)!r}.")
@@ -83,12 +89,14 @@ class LocalizationEvaluator:
         self.max_examples = max_examples
         self.bootstrap = bootstrap
         self.seed = seed
+        self.split = split
         self.reset()
 
     def reset(self) -> None:
         self._hits: list[Tensor] = []
         self._energy: list[Tensor] = []
         self._area: list[Tensor] = []
+        self._clusters: list[str] = []
         self._examples: list[dict[str, Any]] = []
 
     def update(self, batch: Mapping[str, Any], outputs: Mapping[str, Tensor], *, model: Any) -> None:
@@ -107,6 +115,8 @@ class LocalizationEvaluator:
         self._hits.append(hits)
         self._energy.append(energy)
         self._area.append(masks.flatten(1).float().mean(1))
+        key = next((k for k in ("patient_id", "study_id") if batch.get(k) is not None), "image_id")
+        self._clusters += [str(c) for c, s in zip(batch[key], scored.tolist(), strict=True) if s]
 
         ids = [i for i, s in zip(batch["image_id"], scored.tolist(), strict=True) if s]
         for i in range(min(self.max_examples - len(self._examples), len(ids))):
@@ -161,37 +171,48 @@ class LocalizationEvaluator:
         }
 
     def intervals(self) -> dict[str, tuple[float, float]]:
-        """95% percentile-bootstrap intervals, resampling the scored images."""
+        """95% percentile-bootstrap intervals, resampling patients with all their scored images."""
         if self.bootstrap == 0 or not self._hits:
             return {}
-        generator = torch.Generator().manual_seed(self.seed)
-        values = {"pointing_game": torch.cat(self._hits), "saliency_in_mask": torch.cat(self._energy)}
-        n = len(values["pointing_game"])
-        rows_per_chunk = max(1, 2**21 // n)  # caps each (resamples, n) index tensor at 16 MiB
+        values = {"pointing_game": torch.cat(self._hits).double(), "saliency_in_mask": torch.cat(self._energy).double()}
         means: dict[str, list[Tensor]] = {name: [] for name in values}
-        for start in range(0, self.bootstrap, rows_per_chunk):
-            draws = torch.randint(n, (min(rows_per_chunk, self.bootstrap - start), n), generator=generator)
+        for counts in resample_blocks(cluster_index(self._clusters), self.bootstrap, self.seed):
             for name, value in values.items():
-                means[name].append(value.double()[draws].mean(1))
-        quantiles = torch.tensor([0.025, 0.975], dtype=torch.float64)
-        return {name: tuple(torch.quantile(torch.cat(m), quantiles).tolist()) for name, m in means.items()}
+                means[name].append(counts @ value / counts.sum(1))
+        return percentile_intervals(means)
 
     def save(self, out_dir: Path) -> None:
         """Write ``saliency_examples.png`` (nothing when no image was scored)."""
         if not self._examples:
             return
+        legend = [
+            Line2D([], [], color="lime", label="opacity mask (radiologists' boxes)"),
+            Line2D([], [], color="white", marker="x", linestyle="none", markeredgecolor="black",
+                   markersize=8, label="saliency maximum: a hit when inside the mask"),
+        ]
+        note = ("Pointing game: the share of images whose saliency maximum lies inside the mask; "
+                "'in mask': the share of the map's total saliency inside it. A uniform map scores the "
+                "mask's area on both.")
         save_gallery(Path(out_dir) / "saliency_examples.png", self._examples, _draw_saliency,
-                     "Grad-CAM of the true class; opacity mask outlined in green")
+                     f"Where the classifier looks, {self.split} split: Grad-CAM of the true class",
+                     legend=legend, note=note, colorbar=(SALIENCY_COLOURS, "Grad-CAM saliency (1 = the map's maximum)"))
+
+
+SALIENCY_COLOURS = "jet"
 
 
 def _draw_saliency(axes: Any, example: dict[str, Any]) -> str:
-    axes.imshow(example["saliency"], cmap="jet", vmin=0, vmax=1, alpha=0.45)
-    axes.contour(example["mask"], levels=[0.5], colors="lime", linewidths=1)
-    if not example["saliency"].any():
+    saliency = example["saliency"]
+    axes.imshow(saliency, cmap=SALIENCY_COLOURS, vmin=0, vmax=1, alpha=0.45)
+    axes.contour(example["mask"], levels=[0.5], colors="lime", linewidths=1.2)
+    if not saliency.any():
         verdict = "empty map"
     else:
+        row, column = divmod(int(saliency.argmax()), saliency.shape[1])
+        axes.plot(column, row, marker="x", color="white", markeredgecolor="black", markersize=9, markeredgewidth=2.5)
+        axes.plot(column, row, marker="x", color="white", markersize=8, markeredgewidth=1.2)
         verdict = "hit" if example["hit"] == 1 else "miss" if example["hit"] == 0 else "tied maxima"
-    return f"({example['class']}) {verdict}, {example['energy']:.0%} in mask"
+    return f"{example['class']}: {verdict}, {example['energy']:.0%} in mask"
 
 
 def localization_scores(saliency: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:

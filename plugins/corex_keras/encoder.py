@@ -21,6 +21,7 @@ import collections
 import contextlib
 import os
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,12 +65,24 @@ APPLICATIONS = {
 }
 
 
+def keras_home() -> Path:
+    """Where keras keeps its settings (keras.json) for corex: ``$KERAS_HOME`` if the user set it,
+    else ``keras`` in corex's cache (``$COREX_CACHE``, default ``~/.cache/corex``), not ``~/.keras``."""
+    if os.environ.get("KERAS_HOME"):
+        return Path(os.environ["KERAS_HOME"])
+    return Path(os.environ.get("COREX_CACHE") or "~/.cache/corex").expanduser() / "keras"
+
+
 def import_keras() -> Any:
     """keras_core on the torch backend, or a ValueError that says how to get it."""
-    # keras reads KERAS_BACKEND once, at its first import; it beats ~/.keras/keras.json.
+    # keras reads KERAS_BACKEND once, at its first import; it beats keras.json. It writes
+    # keras.json into KERAS_HOME at that import, so that too is set first.
     os.environ.setdefault("KERAS_BACKEND", "torch")
+    os.environ["KERAS_HOME"] = str(keras_home())
     try:
-        import keras_core
+        # keras announces its backend on stdout, where `corex run` writes its results.
+        with contextlib.redirect_stdout(sys.stderr):
+            import keras_core
     except ImportError as exc:
         if exc.name == "keras_core":
             raise ValueError(f"keras encoders need keras-core; install it with: {INSTALL_HINT}") from exc

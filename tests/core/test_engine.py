@@ -136,7 +136,7 @@ def test_an_unknown_selection_metric_names_the_available_ones(tiny_recipe, tmp_p
 def test_export_then_transfer_from_the_file_and_a_clear_error_on_another_architecture(tiny_recipe, tmp_path, corex_cli):
     tiny_recipe["stages"]["train"]["epochs"] = 1
     run(tiny_recipe, tmp_path / "src")
-    code, out, err = corex_cli("export", tmp_path / "src", "--stage", "train", tmp_path / "enc.pt")
+    code, out, err = corex_cli("export", tmp_path / "src", "--stage", "train", "--encoder-only", tmp_path / "enc.pt")
     assert code == 0, err
     state = torch.load(tmp_path / "enc.pt", weights_only=True)
     assert "conv1.weight" in state and not any(k.startswith("encoder.") for k in state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +176,137 @@ def test_every_hook_is_documented_and_typed():
         doc = inspect.getdoc(hook) or ""
         assert len(doc) > 40, f"{hook.__name__} needs a docstring saying when it is called and what it returns"
         assert "return" in inspect.get_annotations(hook), f"{hook.__name__} needs a return annotation"
+
+
+# -- plugins that fail to load are messages naming the plugin, not tracebacks ----------------------
+
+BROKEN_MODULES = {
+    "raises": ("import os\nraise RuntimeError('the licence server is down')\n", "RuntimeError: the licence server is down"),
+    "syntax": ("def corex_encoders(:\n    return {}\n", "SyntaxError"),
+    "imports_missing": ("import no_such_dependency_of_a_plugin\n", "No module named 'no_such_dependency_of_a_plugin'"),
+}
+
+
+@pytest.fixture
+def broken_module(tmp_path, monkeypatch, request):
+    """A module ``corex_broken_<kind>`` on sys.path whose import fails."""
+    kind = request.param
+    name = f"corex_broken_{kind}"
+    source, expected = BROKEN_MODULES[kind]
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name, expected, tmp_path / f"{name}.py"
+    sys.modules.pop(name, None)
+
+
+def cli_exit(capsys, *args) -> tuple[int, str]:
+    from corex.cli import main
+    from corex.plugins import reset_plugin_manager
+
+    reset_plugin_manager()
+    try:
+        code = main([str(a) for a in args])
+    finally:
+        reset_plugin_manager()
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken_module", list(BROKEN_MODULES), indirect=True)
+def test_a_corex_plugins_module_that_fails_to_import_is_named(broken_module, monkeypatch, capsys):
+    name, expected, path = broken_module
+    monkeypatch.setenv("COREX_PLUGINS", name)
+    with pytest.raises(PluginError) as info:
+        create_plugin_manager(autoload=False)
+    message = str(info.value)
+    assert f"'{name}'" in message and expected in message and str(path) in message
+    code, err = cli_exit(capsys, "plugins")
+    assert code == 2 and "Traceback" not in err and f"'{name}'" in err and expected in err
+
+
+def install_entry_point(site: Path, plugin_name: str, module: str) -> None:
+    """A distribution on ``site`` (a sys.path entry) declaring a corex entry point."""
+    info = site / "corex_fake_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: corex-fake-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[corex]\n{plugin_name} = {module}\n")
+
+
+@pytest.mark.parametrize("broken_module", list(BROKEN_MODULES), indirect=True)
+def test_an_entry_point_plugin_that_fails_to_import_is_named(broken_module, capsys):
+    name, expected, path = broken_module
+    install_entry_point(path.parent, "fake", name)
+    with pytest.raises(PluginError) as info:
+        create_plugin_manager()
+    message = str(info.value)
+    assert "plugin 'fake'" in message and "corex-fake-plugin" in message and expected in message
+    code, err = cli_exit(capsys, "plugins")
+    assert code == 2 and "Traceback" not in err and "plugin 'fake'" in err and expected in err
+
+
+def test_a_working_entry_point_plugin_is_loaded_beside_the_built_in_ones(tmp_path, monkeypatch):
+    (tmp_path / "corex_fine_plugin.py").write_text(THIRD_PARTY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    install_entry_point(tmp_path, "fine", "corex_fine_plugin")
+    try:
+        pm = create_plugin_manager()
+        registry = Registry(pm)
+        assert registry.get("encoders", "blob").plugin == "fine"
+        assert registry.get("encoders", "resnet18").plugin == "encoders"
+        rows = {row["name"]: row for row in describe_plugins(pm)}
+        assert rows["fine"]["version"] == "1.0" and rows["fine"]["origin"] == "entry point of corex-fake-plugin"
+    finally:
+        sys.modules.pop("corex_fine_plugin", None)
+
+
+class RaisingHook:
+    @staticmethod
+    @corex.hookimpl
+    def corex_heads():
+        raise KeyError("cfg")
+
+
+def test_a_registration_hook_that_raises_is_named(corex_pm, tiny_recipe):
+    register(corex_pm, RaisingHook, name="flaky-heads")
+    with pytest.raises(PluginError) as info:
+        Registry(corex_pm).components("heads")
+    message = str(info.value)
+    assert "plugin 'flaky-heads'" in message and "corex_heads()" in message and "KeyError: 'cfg'" in message
+    with pytest.raises(PluginError, match="flaky-heads"):  # and so does a recipe that needs heads
+        corex.load_recipe(tiny_recipe)
+
+
+class RaisingCli:
+    @staticmethod
+    @corex.hookimpl
+    def corex_cli(commands):
+        commands.add_parser("broken")
+        raise AttributeError("'NoneType' object has no attribute 'add_argument'")
+
+
+def test_call_each_names_the_plugin_whose_setup_hook_raises(corex_pm):
+    import argparse
+
+    from corex.plugins import call_each
+
+    register(corex_pm, RaisingCli, name="broken-cli")
+    commands = argparse.ArgumentParser().add_subparsers()
+    with pytest.raises(PluginError, match=r"plugin 'broken-cli': corex_cli\(\) raised AttributeError: 'NoneType'"):
+        call_each(corex_pm, "corex_cli", commands=commands, data_commands=commands)
+
+
+class TypeErrorFactory:
+    @staticmethod
+    @corex.hookimpl
+    def corex_encoders():
+        def picky(*, width: int = 4):
+            raise TypeError(f"width {width} does not suit this encoder")
+
+        return {"picky": picky}
+
+
+def test_a_factory_raising_type_error_is_reported_like_value_error(corex_pm, tiny_recipe):
+    register(corex_pm, TypeErrorFactory, name="picky-plugin")
+    tiny_recipe["model"]["encoder"] = {"name": "picky", "width": 3}
+    recipe = corex.load_recipe(tiny_recipe)  # the options bind; only building finds the problem
+    with pytest.raises(corex.recipe.RecipeError, match="model.encoder: width 3 does not suit this encoder"):
+        corex.build_model(recipe, num_classes=4)

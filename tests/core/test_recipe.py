@@ -76,15 +76,80 @@ def test_malformed_recipe_gets_a_precise_message(tiny_recipe, what, change, expe
     assert any(expected in p for p in problems), f"{what}: {problems}"
 
 
+# (what, override, the expected problem): values of the right type that make no sense.
+OUT_OF_RANGE = [
+    ("negative learning rate", "optimizer.lr=-0.1", "optimizer.lr: must be greater than 0, got -0.1"),
+    ("zero learning rate", "optimizer.lr=0", "optimizer.lr: must be greater than 0, got 0"),
+    ("NaN learning rate", "optimizer.lr=.nan", "optimizer.lr: must be a finite number, got nan"),
+    ("NaN learning rate as text", "optimizer.lr=nan", "optimizer.lr: must be a finite number, got nan"),
+    ("infinite learning rate of a stage", "stages.train.optimizer={lr: .inf}", "stages.train.optimizer.lr: must be a finite number, got inf"),
+    ("betas above 1", "optimizer.betas=[0.5, 2]", "optimizer.betas[1]: must be in [0, 1), got 2"),
+    ("beta of exactly 1", "optimizer.betas=[0.9, 1]", "optimizer.betas[1]: must be in [0, 1), got 1"),
+    ("negative beta", "optimizer.betas=[-0.1, 0.9]", "optimizer.betas[0]: must be in [0, 1), got -0.1"),
+    ("momentum of 1", "optimizer.momentum=1", "optimizer.momentum: must be in [0, 1), got 1"),
+    ("negative weight decay", "optimizer.weight_decay=-1", "optimizer.weight_decay: must be at least 0, got -1"),
+    ("negative warmup", "schedule.warmup_epochs=-2", "schedule.warmup_epochs: must be at least 0, got -2"),
+    ("min_lr_ratio above 1", "schedule.min_lr_ratio=5", "schedule.min_lr_ratio: must be in [0, 1], got 5"),
+    ("negative min_lr_ratio", "schedule.min_lr_ratio=-0.5", "schedule.min_lr_ratio: must be in [0, 1], got -0.5"),
+    ("stage batch size of 0", "stages.train.batch_size=0", "stages.train.batch_size: must be at least 1, got 0"),
+    ("negative stage batch size", "stages.train.batch_size=-3", "stages.train.batch_size: must be at least 1, got -3"),
+    ("data batch size of 0", "data.batch_size=0", "data.batch_size: must be at least 1, got 0"),
+    ("negative loader workers", "data.num_workers=-1", "data.num_workers: must be at least 0, got -1"),
+    ("a million loader workers", "data.num_workers=1000000", "data.num_workers: must be at most 1024, got 1000000 (each worker is a process)"),
+    ("batch size as a huge float", "data.batch_size=1.0e+300", "data.batch_size: must be at most 1048576, got 1"),
+    ("negative seed", "seed=-1", "seed: must be in [0, 9223372036854775807], got -1"),
+    ("seed as a huge float", "seed=1.0e+23", "seed: must be in [0, 9223372036854775807], got 99999999999999991611392"),
+    ("seed of 2**63", f"seed={2**63}", "seed: must be in [0, 9223372036854775807], got 9223372036854775808"),
+    ("device tpu", "device=tpu", "device: expected auto, cpu, cuda, cuda:N (a GPU index) or mps, got 'tpu'"),
+    ("device cuda:x", "device=cuda:x", "device: expected auto, cpu, cuda, cuda:N"),
+    ("negative grad_clip", "stages.train.grad_clip=-1", "stages.train.grad_clip: must be greater than 0, got -1"),
+    ("zero grad_clip", "stages.train.grad_clip=0", "stages.train.grad_clip: must be greater than 0, got 0"),
+    ("zero steps per epoch", "stages.train.max_steps_per_epoch=0", "stages.train.max_steps_per_epoch: must be at least 1, got 0"),
+    ("absurd epochs", "stages.train.epochs=1.0e+12", "stages.train.epochs: must be at most 100000, got 1000000000000 (more than 100,000 epochs is surely a typo)"),
+    ("negative epochs", "stages.train.epochs=-1", "stages.train.epochs: must be at least 1, got -1"),
+    ("huge image", "data.image_size=65536", "data.image_size: must be at most 4096, got 65536 (a larger side would not fit in memory"),
+    ("tiny image", "data.image_size=0", "data.image_size: must be at least 32, got 0 (the encoders' deepest stride)"),
+    ("label fraction of 0", "data.label_fraction=0", "data.label_fraction: must be in (0, 1], got 0"),
+    ("negative head weight", "stages.train.heads.classification.weight=-1", "stages.train.heads.classification.weight: must be at least 0, got -1"),
+    ("NaN head weight", "stages.train.heads.segmentation.weight=.nan", "stages.train.heads.segmentation.weight: must be a finite number, got nan"),
+]
+
+
+@pytest.mark.parametrize("what, override, expected", OUT_OF_RANGE, ids=[r[0] for r in OUT_OF_RANGE])
+def test_a_value_out_of_its_range_is_a_problem_at_its_path(tiny_recipe, what, override, expected):
+    problems = problems_of(tiny_recipe, [override])
+    assert len(problems) == 1 and problems[0].startswith(expected), f"{what}: {problems}"
+
+
+@pytest.mark.parametrize("override", [
+    "device=cuda:1", "device=mps", "device=cpu", "seed=9223372036854775807", "seed=0", "stages.train.grad_clip=null",
+    "stages.train.batch_size=null", "stages.train.epochs=100000", "data.image_size=4096", "optimizer.betas=[0, 0.999]",
+    "schedule.min_lr_ratio=1", "schedule.warmup_epochs=0", "optimizer.weight_decay=0", "stages.train.heads.segmentation.weight=0",
+])
+def test_values_at_the_edges_of_their_ranges_are_accepted(tiny_recipe, override):
+    load_recipe(tiny_recipe, [override])
+
+
+def test_a_stage_without_batch_size_inherits_the_data_batch_size(tiny_recipe):
+    recipe = load_recipe(tiny_recipe, ["stages.test.batch_size=2"])
+    assert recipe.stage_batch_size(recipe.stages["train"]) == 8
+    assert recipe.stage_batch_size(recipe.stages["test"]) == 2
+
+
 def test_every_problem_is_reported_at_once(tiny_recipe):
     def many(r):
         r.update(seeds=1)
         r["model"]["encoder"].update(width="wide")
         r["stages"]["train"]["heads"]["segmentation"].update(weight="high")
         r["data"].update(image_size=100)
-    # Cross-checks (image_size a multiple of 32) compare values, so they wait for well-typed ones.
+        r["optimizer"].update(lr=-1)
+        r["stages"]["train"].update(evaluators=[], select="macro_f1")
+    # Value ranges are checked as each value is read; cross-checks between values (selection
+    # needs evaluators) wait for a well-typed recipe.
     problems = problems_of(with_change(tiny_recipe, many))
-    assert sorted(p.split(":")[0] for p in problems) == ["model.encoder.width", "seeds", "stages.train.heads.segmentation.weight"]
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "data.image_size", "model.encoder.width", "optimizer.lr", "seeds", "stages.train.heads.segmentation.weight",
+    ]
 
 
 def test_the_error_message_counts_and_indents_problems(tiny_recipe):

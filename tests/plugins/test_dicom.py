@@ -3,6 +3,8 @@ errors, and the resize + pad geometry shared by images and boxes."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pydicom
 import pytest
@@ -83,6 +85,33 @@ def test_rescale_comes_before_the_window(tmp_path):
     expected = np.clip((modality - (center - 0.5)) / (width - 1) + 0.5, 0, 1)  # PS3.3 C.11.2.1.2.1
     assert info["voi"] == "window-linear"
     np.testing.assert_allclose(image, expected, atol=1e-6)
+
+
+NOT_FINITE = [
+    ("RescaleSlope", {"rescale": (float("nan"), 0.0)}),
+    ("RescaleSlope", {"rescale": (float("-inf"), 0.0)}),
+    ("RescaleIntercept", {"rescale": (1.0, float("inf"))}),
+    ("WindowCenter", {"window": (float("nan"), 100.0)}),
+    ("WindowWidth", {"window": (100.0, float("inf"))}),
+]
+
+
+@pytest.mark.parametrize("element, header", NOT_FINITE, ids=[f"{e}={next(iter(h.values()))}" for e, h in NOT_FINITE])
+def test_a_nan_or_infinite_rescale_or_window_is_a_bad_file_not_a_black_image(tmp_path, element, header):
+    path = write_dicom(tmp_path / "odd.dcm", stored(ramp(), 12), bits_stored=12, **header)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no anonymous numpy warning on the way
+        with pytest.raises(DataError, match=f"{element} is not a finite number") as caught:
+            read_dicom(path)
+    assert caught.value.path == str(path)
+
+
+def test_a_transform_that_overflows_is_a_bad_file(tmp_path):
+    path = write_dicom(tmp_path / "huge.dcm", stored(ramp(), 12), bits_stored=12, rescale=(1e308, 0.0), window=(0.0, 100.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match="not finite"):
+            read_dicom(path)
 
 
 def test_voi_lut_sequence_wins_over_the_window(tmp_path):

@@ -197,10 +197,11 @@ def test_bootstrap_intervals_are_deterministic_fast_and_contain_the_estimate():
     evaluator.update(*batch_of(probabilities, labels))
     start = time.perf_counter()
     intervals = evaluator.intervals()
-    # About 0.05 s on one free core; the bound leaves room for a machine loaded by other jobs.
-    assert time.perf_counter() - start < 3.0
+    # About 0.3 s on one free core (scoring resamples one by one with torchmetrics takes tens of
+    # seconds); the bound leaves room for a machine loaded by other jobs.
+    assert time.perf_counter() - start < 8.0
     metrics = evaluator.compute()
-    assert set(intervals) == {"accuracy", "balanced_accuracy", "macro_f1", "auroc"}
+    assert set(intervals) == {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "study_map", "ece", "brier"}
     for name, (low, high) in intervals.items():
         assert low < metrics[name] < high, name
         assert high - low < 0.35, name
@@ -215,8 +216,8 @@ def test_save_writes_plots_and_tables(tmp_path):
     evaluator = six_studies(bootstrap=0)
     evaluator.save(tmp_path / "eval")
     files = sorted(p.name for p in (tmp_path / "eval").iterdir())
-    assert files == ["confusion_matrix.png", "per_class.csv", "predictions.csv", "reliability.png"]
-    for png in ("confusion_matrix.png", "reliability.png"):
+    assert files == ["confusion_matrix.png", "per_class.csv", "pr.png", "predictions.csv", "reliability.png", "roc.png"]
+    for png in ("confusion_matrix.png", "reliability.png", "roc.png", "pr.png"):
         assert (tmp_path / "eval" / png).read_bytes()[:4] == b"\x89PNG"
     per_class = read_csv(tmp_path / "eval" / "per_class.csv")
     assert [r["class"] for r in per_class] == CLASSES

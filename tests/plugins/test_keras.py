@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +64,43 @@ def test_the_hook_names_the_encoders_without_importing_keras():
     code = "import sys, corex_keras; corex_keras.corex_encoders(); print('keras_core' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def away_from_home(tmp_path: Path) -> dict[str, str]:
+    """The environment with HOME in a temporary folder and no keras settings of the user's."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_HOME", "KERAS_BACKEND", "COREX_CACHE")}
+    return {**env, "HOME": str(home)}
+
+
+@pytest.mark.slow
+def test_the_tests_keep_keras_home_out_of_the_users_home(tmp_path):
+    env = away_from_home(tmp_path)
+    test = f"{Path(__file__).relative_to(ROOT)}::test_another_keras_backend_is_a_clear_error"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", test, "-q", "-p", "no:xdist", "-p", "no:cacheprovider"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert not (tmp_path / "home" / ".keras").exists()
+
+
+@pytest.mark.slow
+def test_a_run_keeps_keras_home_in_the_corex_cache_unless_the_user_set_it(tmp_path):
+    env = {**away_from_home(tmp_path), "COREX_CACHE": str(tmp_path / "cache")}
+    code = "import os, corex_keras; corex_keras.encoder.import_keras(); print(os.environ['KERAS_HOME'])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == str(tmp_path / "cache" / "keras")
+    assert (tmp_path / "cache" / "keras" / "keras.json").is_file()
+    assert not (tmp_path / "home" / ".keras").exists()
+
+    mine = tmp_path / "my-keras"
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "KERAS_HOME": str(mine)}, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == str(mine) and (mine / "keras.json").is_file()
 
 
 def test_missing_keras_core_is_a_clear_error_and_the_hook_still_works(monkeypatch):

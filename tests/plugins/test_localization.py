@@ -195,6 +195,7 @@ def test_intervals_are_seeded_percentile_bootstraps_of_the_images():
     evaluator._hits = [torch.tensor([1.0, 1.0, 0.0, 1.0])]
     evaluator._energy = [torch.full((4,), 0.4)]
     evaluator._area = [torch.full((4,), 0.1)]
+    evaluator._clusters = ["p1", "p2", "p3", "p4"]  # four patients
     intervals = evaluator.intervals()
     assert intervals["saliency_in_mask"] == pytest.approx((0.4, 0.4))  # no spread to resample
     low, high = intervals["pointing_game"]
@@ -203,6 +204,19 @@ def test_intervals_are_seeded_percentile_bootstraps_of_the_images():
     assert LocalizationEvaluator(class_names=CLASSES, seed=1).intervals() == {}  # nothing scored
     evaluator.bootstrap = 0
     assert evaluator.intervals() == {}
+
+
+def test_intervals_resample_a_patients_images_together():
+    # Patient p1: a hit and a miss (mean 1/2); patient p2 the same. Every resample of whole
+    # patients scores 1/2; resampling the four images one by one would spread from 0 to 1.
+    evaluator = LocalizationEvaluator(class_names=CLASSES)
+    evaluator._hits = [torch.tensor([1.0, 0.0, 1.0, 0.0])]
+    evaluator._energy = [torch.tensor([0.6, 0.2, 0.6, 0.2])]
+    evaluator._area = [torch.full((4,), 0.1)]
+    evaluator._clusters = ["p1", "p1", "p2", "p2"]
+    intervals = evaluator.intervals()
+    assert intervals["pointing_game"] == pytest.approx((0.5, 0.5))
+    assert intervals["saliency_in_mask"] == pytest.approx((0.4, 0.4))
 
 
 @pytest.mark.parametrize(

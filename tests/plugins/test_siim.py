@@ -3,11 +3,19 @@ bad-data handling, the decode-once cache and the dataset factories."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
+import yaml
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -236,6 +244,8 @@ def test_wrong_options_get_specific_errors(siim, tmp_path):
         source(root, tmp_path, on_bad_sample="ignore")
     with pytest.raises(ValueError, match="image_size must be at least 8"):
         source(root, tmp_path, image_size=4)
+    with pytest.raises(ValueError, match="image_size must be at most 4096"):
+        source(root, tmp_path, image_size=65536)
     with pytest.raises(ValueError, match="is not a directory"):
         source(tmp_path / "nowhere", tmp_path)
     with pytest.raises(ValueError, match="split must be one of train, val, test"):
@@ -318,3 +328,185 @@ def test_phantom_factory_writes_once_and_reads_it_with_the_siim_loader(tmp_path)
     mtime = (root / "train_image_level.csv").stat().st_mtime_ns
     corex_cxr.phantom_source(image_size=32, seed=0, cache_dir=tmp_path, studies=12, workers=1)
     assert (root / "train_image_level.csv").stat().st_mtime_ns == mtime
+
+
+# -- the command line: bad data ends in a message, never a traceback --------------------------------
+
+
+def siim_recipe(root: Path, tmp_path: Path, name: str = "siim", **data_options) -> Path:
+    """A tiny recipe over the SIIM layout at ``root`` (decoding in this process by default)."""
+    recipe = {
+        "name": "siim-tiny",
+        "data": {"name": name, "root": str(root), "image_size": 32, "batch_size": 4,
+                 "cache_dir": str(tmp_path / "cache"), "workers": 1, **data_options},
+        "model": {"encoder": {"name": "resnet18", "width": 4}},
+        "stages": {"train": {"kind": "train", "epochs": 1, "heads": {"classification": {}}}},
+    }
+    path = tmp_path / "siim.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def without_pixel_data(path: Path) -> None:
+    dataset = pydicom.dcmread(path)
+    del dataset.PixelData
+    dataset.save_as(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no_pixel_data"])
+@pytest.mark.parametrize("command", ["prepare", "run"])
+def test_a_bad_dicom_is_a_message_in_prepare_and_run(siim, tmp_path, corex_cli, damage, command):
+    root, _ = siim
+    path = root / "train" / "s3" / "series0" / "s3i0.dcm"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-2000])  # the header still reads: found while decoding
+    else:
+        without_pixel_data(path)
+    recipe = siim_recipe(root, tmp_path)
+    args = ("data", "prepare", recipe) if command == "prepare" else ("run", recipe, "--out", tmp_path / "run", "--no-progress")
+    code, _, err = corex_cli(*args)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert str(path) in err and ("pixel data" in err)
+    assert "on_bad_sample: skip" in err
+
+
+def test_data_error_is_the_cores_user_error():
+    from corex.errors import CorexError
+
+    assert issubclass(DataError, CorexError) and issubclass(DataError, ValueError)
+
+
+def damage_two_files(root: Path) -> list[Path]:
+    truncated = root / "train" / "s3" / "series0" / "s3i0.dcm"
+    truncated.write_bytes(truncated.read_bytes()[:-2000])
+    empty = root / "train" / "s5" / "series0" / "s5i0.dcm"
+    without_pixel_data(empty)
+    return [truncated, empty]
+
+
+def test_prepare_says_what_it_decoded_reused_and_skipped_and_where_the_list_is(siim, tmp_path, corex_cli):
+    root, expected = siim
+    bad = damage_two_files(root)
+    recipe = siim_recipe(root, tmp_path, on_bad_sample="skip")
+    code, _, err = corex_cli("data", "prepare", recipe)
+    assert code == 0, err
+    good = len(expected) - 2
+    (cache,) = (tmp_path / "cache" / "corex_cxr").iterdir()
+    listing = cache / "skipped.json"
+    assert f"siim: {good} images decoded, 0 reused from the cache, 2 skipped" in err
+    assert f"the list is in {listing}" in err and f"cache: {cache}" in err
+    assert sorted(entry["path"] for entry in json.loads(listing.read_text())["skipped"]) == sorted(map(str, bad))
+
+    code, _, err = corex_cli("data", "prepare", recipe)  # everything known now: nothing decoded again
+    assert code == 0 and f"siim: 0 images decoded, {good} reused from the cache, 2 skipped" in err
+
+
+def test_info_counts_undecodable_images_once_the_cache_knows_them(siim, tmp_path, corex_cli):
+    root, expected = siim
+    damage_two_files(root)
+    recipe = siim_recipe(root, tmp_path, on_bad_sample="skip")
+    code, out, _ = corex_cli("data", "info", recipe, "--json")
+    assert code == 0
+    before = json.loads(out)["unusable"]
+    assert (before["undecodable"], before["not_checked"], before["images"]) == (0, len(expected), len(expected))
+    assert "not checked yet (only decoding tells" in before["note"]
+
+    assert corex_cli("data", "prepare", recipe)[0] == 0
+    after = json.loads(corex_cli("data", "info", recipe, "--json")[1])["unusable"]
+    assert (after["undecodable"], after["not_checked"]) == (2, 0)
+    assert after["note"].startswith("images that cannot be decoded: 2 (every image checked")
+
+
+SLOW_PLUGIN = '''
+import time
+
+from corex import hookimpl
+from corex_cxr.images import read_image
+from corex_cxr.siim import SiimSource
+
+
+def slow_read(path):
+    time.sleep(0.5)
+    return read_image(path)
+
+
+class SlowSiim(SiimSource):
+    decoder = staticmethod(slow_read)
+
+
+@hookimpl
+def corex_datasets():
+    return {"slow_siim": SlowSiim}
+'''
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.add(int(status.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a dead child nobody reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_decode_workers_die_with_a_killed_prepare(siim, tmp_path):
+    root, _ = siim
+    (tmp_path / "corex_slow_data.py").write_text(SLOW_PLUGIN)
+    recipe = siim_recipe(root, tmp_path, name="slow_siim", workers=2)
+    env = {**os.environ, "COREX_PLUGINS": "corex_slow_data",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "corex.cli", "data", "prepare", str(recipe)]
+    prepare = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and prepare.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            workers = children_of(prepare.pid)
+        assert len(workers) >= 2, f"no decode workers appeared: {prepare.stderr.read().decode()[-2000:]}"
+        os.kill(prepare.pid, signal.SIGKILL)
+        prepare.wait()
+        deadline = time.monotonic() + 5
+        while any(map(running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if running(pid)], "decode workers outlived the killed prepare"
+    finally:
+        prepare.kill()
+        for pid in workers:  # only the workers this test started, if the fix failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_it_is_created(siim, tmp_path, monkeypatch):
+    import shutil
+
+    import corex_cxr.cache
+
+    root, expected = siim
+    real = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(corex_cxr.cache.shutil, "disk_usage", lambda path: real._replace(free=500))
+    data = source(root, tmp_path)
+    with pytest.raises(DataError, match=rf"the decoded cache of {len(expected)} images at 32 px needs 28.7 kB, but only 500 bytes are free"):
+        data.prepare()
+    assert not list(data.cache_path.glob("images-*.npy"))
+
+
+def test_phantom_options_are_checked_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        corex_cxr.phantom_source(image_size=32, seed=0, cache_dir=tmp_path, studies=12, val_fraction=float("nan"))
+    assert not (tmp_path / "phantom").exists()

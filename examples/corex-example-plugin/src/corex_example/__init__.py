@@ -1,0 +1,60 @@
+"""corex_example: a third-party corex plugin, as small as a real one can be.
+
+Installed, it registers (through the ``corex`` entry point named ``example`` in pyproject.toml):
+
+* encoder ``example_mobilenet``: a MobileNet-style pyramid of depthwise-separable convolutions,
+  four levels at strides 2, 4, 8, 16 (:mod:`corex_example.encoder`);
+* evaluator ``example_sens_at_spec``: per-class sensitivity at a fixed specificity, one class
+  against the rest (:mod:`corex_example.evaluator`).
+
+The CSV logger (:mod:`corex_example.csv_logger`) is a separate plugin that is *not* an entry
+point, because an installed observer runs in every run of the environment; switch it on per run
+with ``COREX_PLUGINS=corex_example.csv_logger``.
+
+This module imports no torch: corex loads every installed plugin for ``corex --help`` and
+``corex plugins``, so the factories below import their torch code only when they are called.
+The names carry the prefix ``example_`` so they cannot clash with corex's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from corex import hookimpl
+
+__version__ = "0.1.0"
+
+
+def example_mobilenet(*, in_channels: int = 1, width: int = 16, blocks: int = 1):
+    """MobileNet-style encoder: channels ``width * (1, 2, 4, 8)`` at strides ``(2, 4, 8, 16)``.
+
+    ``blocks``: depthwise-separable blocks per level (the first of each level downsamples).
+    """
+    from corex_example.encoder import MobileNetPyramid
+
+    return MobileNetPyramid(in_channels=in_channels, width=width, blocks=blocks)
+
+
+def example_sens_at_spec(
+    *,
+    head: str = "classification",
+    specificity: float = 0.9,
+    class_names: Sequence[str] | None = None,
+):
+    """Per-class sensitivity at ``specificity`` from the ``head``'s logits (``class_names`` comes from corex)."""
+    from corex_example.evaluator import SensitivityAtSpecificity
+
+    return SensitivityAtSpecificity(head=head, specificity=specificity, class_names=class_names)
+
+
+@hookimpl
+def corex_encoders():
+    return {"example_mobilenet": example_mobilenet}
+
+
+@hookimpl
+def corex_evaluators():
+    return {"example_sens_at_spec": example_sens_at_spec}
+
+
+__all__ = ["corex_encoders", "corex_evaluators", "example_mobilenet", "example_sens_at_spec"]

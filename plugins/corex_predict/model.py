@@ -1,0 +1,328 @@
+"""A trained model with everything needed to use it, from a run directory or an exported file.
+
+:func:`model_metadata` describes a run's final model (or one stage's) as plain data: the
+encoder and heads with their factories and options in their real types, the class names, the
+input size and the intensity pipeline of the data plugin. :func:`load_model` rebuilds the model
+from that description through the registry and loads its weights, whether it reads them from
+``RUN/checkpoints/STAGE/model.pt`` or from a file written by ``corex export``: the two are
+interchangeable.
+
+Every torch file is read with ``weights_only=True`` (:func:`read_torch_file`): a file that holds
+pickled Python objects is refused before any of them is built, so loading a model cannot run code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from corex import __version__, rundir
+from corex.binding import Problems, bind_options
+from corex.checkpoints import load_file
+from corex.engine import CorexModel, build_component, resolve_device
+from corex.errors import CorexError
+from corex.plugins import Registry
+from corex.recipe import INJECTED, Component, Recipe, load_recipe
+
+FORMAT = "corex-model/1"
+ENCODER_FORMAT = "corex-encoder/1"
+INTENSITY = "float32 in [0, 1]: 0 = air (black), 1 = dense (white); MONOCHROME2 after modality and VOI LUTs"
+# Options that point at initial weights: the weights come from the model file instead.
+WEIGHT_OPTIONS = ("weights",)
+
+
+def read_torch_file(path: Path, where: str = "model") -> Any:
+    """``torch.load(path, weights_only=True)`` through :func:`corex.checkpoints.load_file`, with
+    every failure as a :class:`CorexError` naming the file. A file carrying pickled objects (a
+    class, a function) is refused before any of them is built."""
+    try:
+        return load_file(Path(path), where)
+    except CorexError:
+        raise
+    except Exception as exc:  # torch raises even KeyError on some junk files
+        text = str(exc).strip().splitlines()
+        raise CorexError(f"{where}: '{path}' is damaged or not a torch file ({type(exc).__name__}: {text[0][:160] if text else ''})") from None
+
+
+def plain(value: Any) -> Any:
+    """Recipe values as plain str/int/float/bool/None/list/dict, which ``weights_only`` loading
+    and JSON both accept (a ``Path`` becomes its string, a tuple a list)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return plain(value.item())
+    return str(value)
+
+
+# -- describing a run's model ----------------------------------------------------------------------
+
+
+def model_stages(run_dir: Path, recipe: Mapping[str, Any]) -> list[str]:
+    """The stages of the run that left a final model, in recipe order."""
+    return [name for name in recipe.get("stages") or {} if (run_dir / "checkpoints" / name / "model.pt").is_file()]
+
+
+def pick_stage(run_dir: Path, recipe: Mapping[str, Any], stage: str | None) -> str:
+    """``stage`` if it left a model; by default the last stage that did."""
+    done = model_stages(run_dir, recipe)
+    if stage is None:
+        if not done:
+            raise CorexError(f"'{run_dir}' has no finished model yet (no checkpoints/STAGE/model.pt); finish the run first")
+        return done[-1]
+    if stage not in done:
+        raise CorexError(f"stage '{stage}' of '{run_dir}' has no finished model; stages with one: {', '.join(done) or 'none'}")
+    return stage
+
+
+def read_run_recipe(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved recipe as plain data. Not bound to the registry: using a model needs
+    its encoder and heads, not the plugin that read its training data."""
+    run_dir = Path(run_dir)
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise CorexError(f"'{run_dir}' is not a corex run directory (no recipe.yaml)")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CorexError(f"'{path}' cannot be read ({type(exc).__name__}); is the run directory damaged?") from None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict) or not isinstance(recipe.get("data"), dict):
+        raise CorexError(f"'{path}' is not a resolved corex recipe (no model or data section)")
+    return recipe
+
+
+def recipe_digest(run_dir: Path) -> str | None:
+    """:meth:`corex.recipe.Recipe.digest` of the run's recipe; ``None`` when it cannot be loaded
+    here (a plugin it names is not installed, a file it names is gone)."""
+    try:
+        return load_recipe(run_dir / "recipe.yaml").digest()
+    except CorexError:
+        return None
+
+
+def class_names_of(run_dir: Path, recipe: Mapping[str, Any]) -> list[str]:
+    """The run's class names, from ``data.json`` (written before training), else from the data source."""
+    data = rundir.read_json(run_dir / "data.json") if (run_dir / "data.json").is_file() else {}
+    if isinstance(data.get("class_names"), list):
+        return [str(name) for name in data["class_names"]]
+    for split in ("train", "val", "test"):
+        classes = data.get(split, {}).get("classes") if isinstance(data.get(split), Mapping) else None
+        if isinstance(classes, Mapping) and classes:
+            return [str(name) for name in classes]  # describe() lists them in label order
+    from corex.engine import build_data
+
+    return [str(name) for name in build_data(load_recipe(dict(recipe))).class_names]
+
+
+def _component(spec: Any) -> tuple[str, dict[str, Any]]:
+    """A resolved recipe's component (``{name: x, option: ...}``) as name and options."""
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    return str(spec.pop("name")), plain(spec)
+
+
+def model_metadata(run_dir: Path, recipe: Mapping[str, Any], stage: str, state: Mapping[str, torch.Tensor], checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything needed to rebuild and use the model of ``stage``, as plain data."""
+    run_dir = Path(run_dir)
+    heads: dict[str, dict[str, Any]] = {}
+    for spec_stage in (recipe.get("stages") or {}).values():  # as build_model: the first definition of each head ...
+        for name, spec in ((spec_stage or {}).get("heads") or {}).items():
+            spec = dict(spec or {})
+            weight = float(spec.pop("weight", 1.0))
+            factory, options = _component({"name": name, **spec})
+            heads.setdefault(name, {"factory": factory, "options": options})
+            heads[name]["weight"] = weight  # ... and the loss weight it was last trained with
+    encoder, encoder_options = _component(recipe["model"]["encoder"])
+    data_info = rundir.read_json(run_dir / "data.json") if (run_dir / "data.json").is_file() else {}
+    plugins = rundir.read_json(run_dir / "plugins.json") if (run_dir / "plugins.json").is_file() else []
+    counted = [t for k, t in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    return {
+        "format": FORMAT,
+        "corex_version": __version__,
+        "stage": stage,
+        "recipe": recipe.get("name"),
+        "recipe_digest": recipe_digest(run_dir),
+        "recipe_yaml": (run_dir / "recipe.yaml").read_text(),
+        "arch": checkpoint.get("arch"),
+        "encoder": {"name": encoder, "options": encoder_options},
+        "heads": heads,
+        "class_names": class_names_of(run_dir, recipe),
+        "in_channels": int(checkpoint.get("in_channels") or 1),
+        "image_size": int(recipe["data"].get("image_size", 256)),
+        "channels_last": bool(recipe["model"].get("channels_last", True)),
+        "data": recipe["data"].get("name"),
+        "intensity": INTENSITY,
+        "normalization": plain(data_info.get("normalization")),
+        "parameters": int(sum(t.numel() for t in counted)),
+        "plugins": {str(row["name"]): row.get("version") for row in plugins if isinstance(row, Mapping) and "name" in row},
+    }
+
+
+# -- the loaded model ------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to predict: the :class:`~corex.engine.CorexModel` (eval mode) and its metadata."""
+
+    model: CorexModel
+    meta: dict[str, Any]
+    source: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @property
+    def channels_last(self) -> bool:
+        return bool(self.meta.get("channels_last", False))
+
+    def head_for(self, task: str) -> str | None:
+        """The head doing ``task`` (``classification``, ``segmentation``): the one named so, else the first."""
+        tasks = {name: getattr(head, "task", None) for name, head in self.model.heads.items()}
+        if tasks.get(task) == task:
+            return task
+        return next((name for name, kind in tasks.items() if kind == task), None)
+
+    def recipe(self, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+        """The resolved recipe the model was trained with (its data section says where the data is)."""
+        if self.source.is_dir():  # a run directory: messages then name its recipe.yaml
+            return load_recipe(self.source / "recipe.yaml", overrides=overrides)
+        return load_recipe(yaml.safe_load(self.meta["recipe_yaml"]), overrides=overrides)
+
+    def to(self, device: str | torch.device) -> LoadedModel:
+        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        self.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        return self
+
+
+def build_from_metadata(meta: Mapping[str, Any], where: str, registry: Registry | None = None) -> CorexModel:
+    """A freshly initialised model with the architecture ``meta`` describes."""
+    registry = registry or Registry()
+    problems = Problems()
+
+    def bound(kind: str, name: str, options: Mapping[str, Any], path: str) -> Component:
+        try:
+            factory = registry.get(kind, name).factory
+        except KeyError as exc:
+            raise CorexError(f"{where}: the model needs {exc.args[0]}") from None
+        kept = {k: v for k, v in options.items() if k not in WEIGHT_OPTIONS}
+        return Component(name, bind_options(factory, kept, path, problems, injected=INJECTED[kind]))
+
+    encoder_spec = bound("encoders", meta["encoder"]["name"], meta["encoder"].get("options", {}), "encoder")
+    head_specs = {name: bound("heads", h["factory"], h.get("options", {}), f"heads.{name}") for name, h in meta["heads"].items()}
+    if problems:
+        raise CorexError(f"{where}: its options do not fit the installed plugins: " + "; ".join(problems))
+    try:
+        encoder = build_component(registry, "encoders", encoder_spec, "encoder")
+        heads = {
+            name: build_component(registry, "heads", spec, f"heads.{name}", channels=tuple(encoder.channels),
+                                  strides=tuple(encoder.strides), num_classes=len(meta["class_names"]))
+            for name, spec in head_specs.items()
+        }
+    except CorexError as exc:
+        raise CorexError(f"{where}: cannot rebuild the model: {exc}") from None
+    return CorexModel(encoder, heads)
+
+
+def _load_state(model: CorexModel, state: Mapping[str, torch.Tensor], where: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()
+        raise CorexError(f"{where}: the weights do not fit the model its metadata describes ({' '.join(detail[1:3])[:300]})") from None
+
+
+def _complete(meta: Mapping[str, Any]) -> bool:
+    """Whether export metadata has what :func:`build_from_metadata` reads, in the right shapes."""
+    encoder, heads = meta.get("encoder"), meta.get("heads")
+    return (
+        isinstance(encoder, Mapping) and isinstance(encoder.get("name"), str) and isinstance(encoder.get("options", {}), Mapping)
+        and isinstance(heads, Mapping)
+        and all(isinstance(h, Mapping) and isinstance(h.get("factory"), str) and isinstance(h.get("options", {}), Mapping) for h in heads.values())
+        and isinstance(meta.get("class_names"), list) and isinstance(meta.get("image_size"), int)
+    )
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def load_model(
+    path: str | Path,
+    *,
+    stage: str | None = None,
+    device: str | torch.device = "cpu",
+    registry: Registry | None = None,
+) -> LoadedModel:
+    """The model of a run directory (its last stage with a model, or ``stage``), of a checkpoint
+    inside one, or of a file written by ``corex export``; in eval mode on ``device``.
+
+    Raises :class:`~corex.errors.CorexError` naming the file for anything unusable, including a
+    file that holds pickled objects (refused unread) or an encoder-only export.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        meta, state = run_model(path, stage)
+    elif not path.exists():
+        raise CorexError(f"model '{path}' does not exist (give a run directory or a file written by `corex export`)")
+    else:
+        meta, state = _from_file(path, stage)
+    model = build_from_metadata(meta, f"model '{path}'", registry)
+    _load_state(model, state, f"model '{path}'")
+    model.eval()
+    return LoadedModel(model, meta, path).to(device)
+
+
+def run_model(run_dir: Path, stage: str | None, checkpoint_path: Path | None = None) -> tuple[dict[str, Any], Mapping[str, torch.Tensor]]:
+    """The metadata and state dict of a run's model (``stage``'s, by default the last's)."""
+    recipe = read_run_recipe(run_dir)
+    if checkpoint_path is None:
+        stage = pick_stage(run_dir, recipe, stage)
+        checkpoint_path = run_dir / "checkpoints" / stage / "model.pt"
+    checkpoint = read_torch_file(checkpoint_path)
+    if not isinstance(checkpoint, Mapping) or not _is_state_dict(checkpoint.get("model")):
+        raise CorexError(f"'{checkpoint_path}' is not a corex checkpoint (no 'model' state dict)")
+    state = checkpoint["model"]
+    return model_metadata(run_dir, recipe, stage, state, checkpoint), state
+
+
+def _from_file(path: Path, stage: str | None) -> tuple[dict[str, Any], Mapping[str, torch.Tensor]]:
+    payload = read_torch_file(path)
+    if isinstance(payload, Mapping) and isinstance(payload.get("meta"), Mapping) and isinstance(payload.get("model"), Mapping):
+        meta = dict(payload["meta"])
+        if meta.get("format") != FORMAT:
+            raise CorexError(f"'{path}' is a {meta.get('format')!r} file; this corex reads {FORMAT!r}")
+        if not _is_state_dict(payload["model"]) or not _complete(meta):
+            raise CorexError(f"'{path}' is an incomplete or damaged corex model file; export it again with `corex export`")
+        if stage is not None and stage != meta.get("stage"):
+            raise CorexError(f"'{path}' holds the model of stage '{meta.get('stage')}', not '{stage}'")
+        return meta, payload["model"]
+    # A checkpoint inside a run directory: RUN/checkpoints/STAGE/{model,best,last}.pt
+    if isinstance(payload, Mapping) and isinstance(payload.get("model"), Mapping):
+        run_dir = path.resolve().parents[2] if len(path.resolve().parents) > 2 else None
+        if run_dir is not None and (run_dir / "recipe.yaml").is_file():
+            return run_model(run_dir, path.parent.name, checkpoint_path=path)
+        raise CorexError(f"'{path}' is a corex checkpoint outside its run directory; load the run directory, or export it with `corex export`")
+    if isinstance(payload, Mapping) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise CorexError(
+            f"'{path}' holds an encoder only (an `--encoder-only` export, or a plain state dict); "
+            "predicting needs the whole model: `corex export RUN_DIR OUT.pt`"
+        )
+    raise CorexError(f"'{path}' is not a corex model file (expected a file written by `corex export`)")

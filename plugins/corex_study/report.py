@@ -1,0 +1,255 @@
+"""The deploy-readiness report: report.html (self-contained), report.md and report.json.
+
+:func:`write_report` builds it for a run directory from what the run left: results.json,
+data.json, curves.png and every evaluate stage's folder (tables, predictions, figures). Sections
+whose files are missing are left out. :func:`write_study_report` does the same for a study's
+comparison. The HTML embeds every image as a base64 data URI and links nothing outside the file,
+so it opens from disk, offline, with no server.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from corex.errors import CorexError
+from corex.rundir import atomic_write_text, write_json
+from corex_eval.artefacts import slug
+from corex_study.findings import RULE, read_csv, stage_findings, stage_folder
+from corex_study.runs import read_json
+
+# What each figure an evaluator writes shows; {split} is the evaluate stage's split.
+CAPTIONS = {
+    "confusion_matrix.png": "Confusion matrix on the {split} split: counts, and shares of each true class (rows; recall on the "
+                            "diagonal). Off-diagonal cells are the confusions a clinician would see.",
+    "roc.png": "ROC curves on the {split} split, one per class against the rest: how true-positive and false-positive rates "
+               "trade off as the decision threshold moves.",
+    "pr.png": "Precision-recall curves on the {split} split, one per class: how many flagged studies are right (precision) "
+              "against how many of the class are found (recall).",
+    "reliability.png": "Reliability diagram on the {split} split: accuracy per bin of top-class confidence against the "
+                       "diagonal of perfect calibration, with how many predictions fall in each bin.",
+    "segmentation_examples.png": "Segmentation gallery from the {split} split: the target opacity outline (green) and the "
+                                 "predicted one (red), with each image's Dice.",
+    "saliency_examples.png": "Saliency gallery from the {split} split: Grad-CAM of the true class (colour, blue low to red "
+                             "high) over the image, box outlines in green; a hit means the saliency maximum lies inside a box.",
+}
+FIGURE_ORDER = list(CAPTIONS)
+HEADLINE = ("macro_f1", "balanced_accuracy", "accuracy", "auroc", "study_map", "ece", "ece/calibrated", "brier",
+            "brier/calibrated", "temperature", "dice", "dice/positive", "iou/positive", "fp_area/negative",
+            "pointing_game", "saliency_in_mask", "mask_area", "n")
+
+STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #1d1d1f; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.6em; }
+.meta { color: #666; font-size: 0.9em; }
+.rule { background: #f5f5f7; border-left: 4px solid #888; padding: 0.5em 0.8em; font-size: 0.92em; }
+.verdict { font-size: 1.15em; font-weight: 600; }
+ul.findings li { margin: 0.35em 0; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f0f0f3; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { color: #444; font-size: 0.9em; margin-top: 0.3em; }
+"""
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.0f}" if value.is_integer() and abs(value) >= 10 else f"{value:.3f}"
+    return str(value)
+
+
+class Document:
+    """Builds the same content as HTML and Markdown side by side."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.html: list[str] = []
+        self.md: list[str] = [f"# {title}", ""]
+
+    def heading(self, text: str) -> None:
+        self.html.append(f"<h2>{html.escape(text)}</h2>")
+        self.md += [f"## {text}", ""]
+
+    def paragraph(self, text: str, css: str = "") -> None:
+        attribute = f' class="{css}"' if css else ""
+        self.html.append(f"<p{attribute}>{html.escape(text)}</p>")
+        self.md += [text, ""]
+
+    def items(self, texts: list[str]) -> None:
+        self.html.append('<ul class="findings">' + "".join(f"<li>{html.escape(t)}</li>" for t in texts) + "</ul>")
+        self.md += [f"- {t}" for t in texts] + [""]
+
+    def table(self, header: list[str], rows: list[list[Any]]) -> None:
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        self.md += ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+        self.md += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows] + [""]
+
+    def figure(self, path: Path, caption: str, root: Path) -> None:
+        alt = html.escape(path.name)
+        self.html.append(f'<figure><img src="{_data_uri(path)}" alt="{alt}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+        self.md += [f"![{path.name}]({path.relative_to(root).as_posix()})", "", f"*{caption}*", ""]
+
+    def pipe_table(self, text: str) -> None:
+        """A Markdown pipe table (as compare.md writes them) as a table of both outputs."""
+        lines = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+        self.table(lines[0], lines[2:])
+
+    def render_html(self, meta: str) -> str:
+        return (
+            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(self.title)}</title><style>{STYLE}</style></head><body>"
+            f"<h1>{html.escape(self.title)}</h1><p class=\"meta\">{html.escape(meta)}</p>"
+            + "\n".join(self.html) + "</body></html>\n"
+        )
+
+
+def data_table(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    splits = {k: v for k, v in data.items() if isinstance(v, dict) and "classes" in v}
+    classes = list(dict.fromkeys(c for info in splits.values() for c in info["classes"]))
+    header = ["split", "studies", "images", "patients", *classes]
+    rows = [[split, info.get("studies", "–"), info.get("images", "–"), info.get("patients", "–"),
+             *(info["classes"].get(c, 0) for c in classes)] for split, info in splits.items()]
+    return header, rows
+
+
+def metrics_table(result: dict[str, Any], classes: set[str]) -> list[list[Any]]:
+    """Headline metrics first, then any others; per-class ones (``f1/typical``) are left to the per-class table."""
+    metrics, intervals = result.get("metrics", {}), result.get("intervals", {})
+    names = [m for m in HEADLINE if metrics.get(m) is not None]
+    names += sorted(m for m in metrics if m not in names and metrics[m] is not None and m.rsplit("/", 1)[-1] not in classes)
+    rows = []
+    for name in names:
+        interval = intervals.get(name)
+        rows.append([name, float(metrics[name]), f"{interval[0]:.3f} to {interval[1]:.3f}" if interval else ""])
+    return rows
+
+
+def write_report(run_dir: str | Path) -> dict[str, Any]:
+    """Write report.html, report.md and report.json into ``run_dir``; returns the report.json content.
+
+    Reads results.json (required), data.json, curves.png and each evaluate stage's folder.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.json").exists():
+        raise CorexError(f"'{run_dir}' holds no results.json: not a finished run directory")
+    results = read_json(run_dir / "results.json")
+    name = results.get("recipe", run_dir.name)
+    evaluations = {s: r for s, r in results.get("stages", {}).items() if r.get("kind") == "evaluate"}
+    findings = [f for stage, result in evaluations.items() for f in stage_findings(run_dir, stage, result)]
+    verdicts = [f for f in findings if "recall/" in f["metric"]]
+
+    doc = Document(f"Deploy-readiness report: {name}")
+    doc.heading("Findings")
+    if verdicts:
+        doc.paragraph(verdicts[0]["text"], "verdict")
+    doc.paragraph(RULE, "rule")
+    doc.items([f"[{f['stage']}] {f['text']}" if len(evaluations) > 1 else f["text"] for f in findings if f not in verdicts[:1]])
+
+    if (run_dir / "data.json").exists():
+        header, rows = data_table(read_json(run_dir / "data.json"))
+        if rows:
+            doc.heading("Data")
+            doc.paragraph("Studies, images and patients per split, and studies per class (data.json).")
+            doc.table(header, rows)
+    if (run_dir / "curves.png").exists():
+        doc.heading("Training")
+        doc.figure(run_dir / "curves.png", "Training and validation curves per stage (metrics.jsonl); the selected "
+                   "checkpoint is the best validation epoch.", run_dir)
+
+    for stage, result in evaluations.items():
+        split = result.get("split", stage)
+        folder = stage_folder(run_dir, stage)
+        doc.heading(f"Evaluation: {stage} ({split} split)")
+        per_class = read_csv(folder / "per_class.csv")
+        rows = metrics_table(result, {slug(row["class"]) for row in per_class})
+        if rows:
+            doc.table(["metric", "value", "95% bootstrap interval"], rows)
+        if per_class:
+            doc.paragraph(f"Per class on the {split} split (per_class.csv).")
+            columns = list(per_class[0])
+            doc.table(columns, [[_maybe_float(row[c]) for c in columns] for row in per_class])
+        pictures = sorted((p for p in folder.glob("*.png") if p.name != "curves.png"), key=lambda p: (FIGURE_ORDER.index(p.name) if p.name in FIGURE_ORDER else len(FIGURE_ORDER), p.name))
+        for picture in pictures:
+            caption = CAPTIONS.get(picture.name, "Figure written by the evaluate stage: " + re.sub(r"[_-]+", " ", picture.stem) + ".")
+            doc.figure(picture, caption.format(split=split), run_dir)
+
+    report = {"run": str(run_dir), "recipe": name, "rule": RULE, "findings": findings}
+    meta = f"Run directory {run_dir}; written by corex_study from results.json and the evaluate stages' artefacts."
+    atomic_write_text(run_dir / "report.html", doc.render_html(meta))
+    atomic_write_text(run_dir / "report.md", "\n".join(doc.md))
+    write_json(run_dir / "report.json", report)
+    return report
+
+
+def _maybe_float(text: str) -> Any:
+    try:
+        return float(text) if "." in text or "nan" in text.lower() else int(text)
+    except ValueError:
+        return text
+
+
+# -- the study's report -----------------------------------------------------------------------------
+
+
+def comparison_findings(comparison: dict[str, Any]) -> list[dict[str, Any]]:
+    """One finding per paired difference, quoting its by-study (else by-seed) mean difference."""
+    metric = comparison["metric"]
+    found = []
+    for d in comparison["differences"]:
+        test_name = "by_study" if d["by_study"] else "by_seed"
+        test = d[test_name]
+        if not test:
+            continue
+        text = (f"{d['recipe']} at label fraction {d['label_fraction']:g}: {test['mean']:+.3f} {metric} against "
+                f"{comparison['baseline']} (paired {'by test study' if test_name == 'by_study' else 'by seed'}, 95% interval "
+                f"{test['low']:+.3f} to {test['high']:+.3f}, Holm p {test['p_holm']:.3f} over {test['comparisons']} comparison{'s' if test['comparisons'] != 1 else ''}): "
+                f"{d['conclusion']}.")
+        found.append({"text": text, "metric": f"{test_name}/{d['recipe']}@{d['label_fraction']:g}/{metric}",
+                      "value": test["mean"], "source": "compare.json", "stage": "", "also": []})
+    return found
+
+
+def write_study_report(study_dir: str | Path, comparison: dict[str, Any]) -> dict[str, Any]:
+    """report.html, report.md and report.json of a comparison (written by ``corex study`` / ``compare --out``)."""
+    from corex_study.compare import arms_table, differences_table
+
+    study_dir = Path(study_dir)
+    findings = comparison_findings(comparison)
+    detected = [d for d in comparison["differences"] if d["conclusion"].startswith(("higher", "lower"))]
+    doc = Document(f"Study report: test {comparison['metric']} across arms")
+    doc.heading("Findings")
+    if comparison["differences"]:
+        summary = (f"{len(detected)} of {len(comparison['differences'])} paired differences against {comparison['baseline']} "
+                   "are detectable after Holm correction; the others show no detectable difference at this size.")
+        doc.paragraph(summary, "verdict")
+    doc.paragraph("A difference counts as detected only when every paired 95% interval (by seed, and by test study where "
+                  "predictions allow) excludes 0 and its Holm-adjusted p-value is below 0.05.", "rule")
+    doc.items([f["text"] for f in findings])
+    doc.heading("Arms")
+    doc.pipe_table(arms_table(comparison))
+    if (study_dir / "compare.png").exists():
+        doc.figure(study_dir / "compare.png", f"Test {comparison['metric']} per arm and label fraction: each seed's run (dots) "
+                   "and the mean with its 95% t interval over seeds (black); the dashed line is the baseline's mean.", study_dir)
+    if comparison["differences"]:
+        doc.heading(f"Paired differences against {comparison['baseline']}")
+        doc.pipe_table(differences_table(comparison))
+    report = {"study": str(study_dir), "metric": comparison["metric"], "baseline": comparison["baseline"], "findings": findings}
+    atomic_write_text(study_dir / "report.html", doc.render_html(f"Study directory {study_dir}; written by corex_study from compare.json."))
+    atomic_write_text(study_dir / "report.md", "\n".join(doc.md))
+    write_json(study_dir / "report.json", report)
+    return report

@@ -1,0 +1,138 @@
+"""The deploy-readiness report: self-contained HTML, and findings whose numbers are the metrics they quote."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+from sklearn.metrics import confusion_matrix
+
+import corex
+from corex.errors import CorexError
+from corex_study import write_report
+from corex_study.findings import READY_RECALL
+
+CLASSES = ["negative", "typical", "indeterminate", "atypical"]
+
+
+def check_self_contained(html: str) -> int:
+    """No external URL anywhere; every image is an embedded PNG. Returns the number of images."""
+    assert not re.search(r"(src|href)\s*=\s*[\"']?\s*(https?:)?//", html, flags=re.I)
+    assert "http://" not in html and "https://" not in html
+    assert not re.search(r"<(script|link|iframe)\b", html, flags=re.I)
+    sources = re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", html)
+    assert len(sources) == len(re.findall(r"<img\b", html))
+    for source in sources:
+        assert source.startswith("data:image/png;base64,")
+        assert base64.b64decode(source.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    return len(sources)
+
+
+def source_value(run: Path, finding: dict, metric: str, source: str) -> float:
+    """The number ``metric`` computed independently from the file the finding names."""
+    stage = finding["stage"]
+    results = json.loads((run / "results.json").read_text())["stages"][stage]
+    if source == "results.json":
+        if metric.startswith("interval/"):
+            low, high = results["intervals"][metric.split("/", 1)[1]]
+            return high - low
+        return results["metrics"][metric]
+    if source == "per_class.csv":
+        kind, name = metric.split("/", 1)
+        rows = {r["class"]: r for r in csv.DictReader((run / stage / "per_class.csv").open())}
+        return float(rows[name][kind])
+    if source == "predictions.csv":
+        _, true, predicted = metric.split("/")
+        rows = list(csv.DictReader((run / stage / "predictions.csv").open()))
+        names = sorted({r["label"] for r in rows} | {r["predicted"] for r in rows})
+        matrix = confusion_matrix([r["label"] for r in rows], [r["predicted"] for r in rows], labels=names)
+        row = matrix[names.index(true)]
+        return row[names.index(predicted)] / row.sum()
+    raise AssertionError(f"unknown source {source}")
+
+
+def shown(value: float, text: str) -> bool:
+    """The sentence shows ``value`` as a percentage or with two or three decimals."""
+    candidates = {f"{100 * value:.0f}%", f"{100 * value:.1f}%", f"{value:.2f}", f"{value:.3f}"}
+    return any(c in text for c in candidates)
+
+
+def check_findings(run: Path) -> list[dict]:
+    report = json.loads((run / "report.json").read_text())
+    assert report["findings"]
+    for finding in report["findings"]:
+        for quoted in [finding, *finding["also"]]:
+            expected = source_value(run, finding, quoted["metric"], quoted["source"])
+            assert quoted["value"] == pytest.approx(expected, abs=1e-6), (finding["text"], quoted["metric"])
+            assert shown(quoted["value"], finding["text"]), (finding["text"], quoted)
+    return report["findings"]
+
+
+@pytest.mark.slow
+def test_a_run_with_an_evaluate_stage_writes_a_self_contained_report(tiny_recipe, tmp_path):
+    tiny_recipe["data"]["studies"] = 48
+    tiny_recipe["stages"]["train"]["epochs"] = 1
+    tiny_recipe["stages"]["test"]["evaluators"].append({"name": "localization", "bootstrap": 20})
+    run = tmp_path / "run"
+    corex.run(corex.load_recipe(tiny_recipe), out=run, progress=False)
+    html = (run / "report.html").read_text()
+    figures = sorted(p.name for p in (run / "test").glob("*.png")) + ["curves.png"]
+    assert check_self_contained(html) == len(figures)
+    for name in ("Findings", "Data", "Training", "Evaluation: test (test split)", "Deploy-readiness rule"):
+        assert name in html
+    findings = check_findings(run)
+    metrics = {f["metric"] for f in findings}
+    assert {"macro_f1", "pointing_game", "dice/positive"} <= metrics
+    assert any(m.startswith("recall/") for m in metrics)
+    markdown = (run / "report.md").read_text()
+    assert "](curves.png)" in markdown and "## Findings" in markdown
+
+
+def fabricated_run(root: Path, recalls: dict[str, float], metrics: dict[str, float]) -> Path:
+    """A run directory with only what an evaluate stage writes (no curves, no data.json)."""
+    (root / "test").mkdir(parents=True)
+    stages = {"test": {"kind": "evaluate", "split": "test", "metrics": metrics, "intervals": {"macro_f1": [0.5, 0.7]}}}
+    (root / "results.json").write_text(json.dumps({"recipe": "made-up", "stages": stages}))
+    with (root / "test" / "per_class.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", "precision", "recall", "f1", "auroc", "support"])
+        writer.writerows([[c, 0.5, r, 0.5, 0.9, 10] for c, r in recalls.items()])
+    # 22 indeterminate studies, 9 predicted typical: 41%
+    rows = [("indeterminate", "typical")] * 9 + [("indeterminate", "indeterminate")] * 13 + [("typical", "typical")] * 20
+    with (root / "test" / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["study_id", "label", "predicted", *(f"p_{c}" for c in CLASSES)])
+        writer.writerows([[f"s{i}", y, p, 0.25, 0.25, 0.25, 0.25] for i, (y, p) in enumerate(rows)])
+    return root
+
+
+def test_findings_state_the_issue_examples_from_the_numbers(tmp_path):
+    metrics = {"macro_f1": 0.6, "n": 42, "ece": 0.12, "ece/calibrated": 0.04, "temperature": 1.8, "pointing_game": 0.57,
+               "f1/typical": 0.7, "f1/indeterminate": 0.4}
+    run = fabricated_run(tmp_path / "run", {c: 0.5 + 0.05 * i for i, c in enumerate(CLASSES)}, metrics)
+    report = write_report(run)
+    texts = [f["text"] for f in report["findings"]]
+    assert f"No class reaches {READY_RECALL:.2f} recall on the test split (the best, atypical, reaches 0.65): not ready to deploy." in texts
+    assert "41% of indeterminate test studies were predicted typical (9 of 22)." in texts
+    assert "ECE 0.12 before and 0.04 after temperature scaling (temperature 1.80, fitted on the validation split)." in texts
+    assert any(t.startswith("The pointing game hit 57% of test images") for t in texts)
+    assert "The hardest class is indeterminate (lowest F1, 0.40)." in texts
+    check_findings(run)
+    html = (run / "report.html").read_text()
+    assert check_self_contained(html) == 0 and "Training" not in html  # no curves.png: section left out
+
+
+def test_every_class_above_the_rule_is_not_called_a_clinical_validation(tmp_path):
+    run = fabricated_run(tmp_path / "run", dict.fromkeys(CLASSES, 0.9) | {"atypical": 0.85}, {"macro_f1": 0.9})
+    verdict = write_report(run)["findings"][0]
+    assert verdict["metric"] == "recall/atypical" and verdict["value"] == 0.85
+    assert "meets this report's rule, which is not a clinical validation" in verdict["text"]
+
+
+def test_write_report_refuses_a_folder_without_results(tmp_path):
+    with pytest.raises(CorexError, match="no results.json"):
+        write_report(tmp_path)
