@@ -37,7 +37,7 @@ def load_file(path: Path, where: str, map_location: Any = "cpu") -> Any:
                 "by corex (or was changed since). Use only files whose origin you trust and that corex wrote."
             ) from None
         raise CorexError(f"{where}: '{path}' is damaged or not a torch file ({_first_line(exc)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
         raise CorexError(f"{where}: '{path}' is damaged or not a torch file: it may have been cut short ({_first_line(exc)})") from None
 
 

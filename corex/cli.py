@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from corex.plugins import get_plugin_manager
 
-    get_plugin_manager().hook.corex_cli(commands=commands, data_commands=data_commands)
+    from corex.plugins import call_each
+
+    call_each(get_plugin_manager(), "corex_cli", commands=commands, data_commands=data_commands)
     return parser
 
 
@@ -242,6 +244,9 @@ def cmd_data_info(args: argparse.Namespace) -> int:
             continue
         counts = "  ".join(f"{info['classes'].get(n, 0):>13}" for n in names)
         print(f"{split:6s} {info.get('studies', ''):>8} {info.get('images', ''):>8} {info.get('patients', ''):>9}  {counts}")
+    unusable = description.get("unusable")
+    if isinstance(unusable, dict) and unusable.get("note"):
+        print(unusable["note"])
     return 0
 
 

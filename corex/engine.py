@@ -230,16 +230,32 @@ def check_components(recipe: Recipe, source: Any, registry: Registry) -> CorexMo
     return CorexModel(encoder, heads)
 
 
-def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, device: torch.device) -> DataLoader:
-    """Batches in an order fixed by ``seed``; training loaders drop the ragged last batch."""
-    generator = torch.Generator().manual_seed(seed)
+class EpochOrder(torch.utils.data.Sampler[int]):
+    """One epoch's shuffled order, fixed by ``seed``, starting ``start`` samples in: a run resumed in
+    the middle of an epoch sees exactly the samples the interrupted one had still to see."""
+
+    def __init__(self, size: int, seed: int, start: int = 0):
+        self.size, self.seed, self.start = size, seed, start
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed))
+        return iter(order[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.size - self.start)
+
+
+def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, device: torch.device, start_batch: int = 0) -> DataLoader:
+    """Batches in an order fixed by ``seed``; training loaders drop the ragged last batch.
+    ``start_batch`` skips that many batches of a shuffled epoch without loading them."""
+    sampler = EpochOrder(len(dataset), seed, start_batch * batch_size) if shuffle else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         drop_last=shuffle and len(dataset) >= batch_size,
         num_workers=num_workers,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),  # the workers' seeds
         worker_init_fn=_seed_worker,
         persistent_workers=False,
         pin_memory=device.type == "cuda",
@@ -649,6 +665,7 @@ class Runner:
         if hasattr(self.source, "prepare"):
             self.source.prepare()
         description = dict(self.source.describe())
+        description["class_names"] = list(self.source.class_names)
         if getattr(self.source, "normalization", None) is not None:
             description["normalization"] = self.source.normalization
         rundir.write_json(self.out / "data.json", description)
@@ -668,13 +685,14 @@ class Runner:
 
     # Stages --------------------------------------------------------------------------------
 
-    def _loader(self, split: str, stage: Stage, *, shuffle: bool, label_fraction: float = 1.0, epoch: int = 0) -> DataLoader:
+    def _loader(self, split: str, stage: Stage, *, shuffle: bool, label_fraction: float = 1.0, epoch: int = 0, start_batch: int = 0) -> DataLoader:
         dataset = self.source.split(split, label_fraction=label_fraction)
         if len(dataset) == 0:
             raise CorexError(f"stages.{stage.name}: the '{split}' split is empty")
         return make_loader(
             dataset, self.recipe.stage_batch_size(stage), shuffle=shuffle,
             seed=stage_seed(self.recipe.seed, stage.name, epoch), num_workers=self.recipe.data.num_workers, device=self.device,
+            start_batch=start_batch,
         )
 
     def _val_fraction(self) -> float:
@@ -721,22 +739,27 @@ class Runner:
         dtype = autocast_dtype(stage, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         val_loader = None if pretrain else self._loader("val", stage, shuffle=False, label_fraction=self._val_fraction())
-        loop = _Loop(stage, heads, augment, objective, optimizer, schedule, scaler, dtype, params, steps, evaluators, val_loader)
+        ema = None
+        if stage.ema is not None:  # torch's own averaging; batch-norm statistics are averaged too
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(stage.ema), use_buffers=True)
+        loop = _Loop(stage, heads, augment, objective, optimizer, schedule, scaler, dtype, params, steps, evaluators, val_loader, ema=ema)
 
         best = {"epoch": None, "value": None, "metrics": {}}
-        start_epoch = 1
+        start_epoch, resume_at = 1, None
         if self.resume and (ckpt_dir / "last.pt").exists():
-            best, last_epoch = self._restore(loop, ckpt_dir / "last.pt")
-            start_epoch = last_epoch + 1
-            self._steps_done += min(last_epoch, stage.epochs) * steps
+            best, last_epoch, resume_at = self._restore(loop, ckpt_dir / "last.pt")
+            start_epoch, loop.best = last_epoch + 1, best
+            self._steps_done += min(last_epoch, stage.epochs) * steps + (resume_at["step"] if resume_at else 0)
         elif self.resume:
             self.metrics.truncate(self.results["stages"], stage.name, 0)
 
         fixed_batch = None
         for epoch in range(start_epoch, stage.epochs + 1):
-            row, fixed_batch = self._train_epoch(loop, epoch, label_fraction, fixed_batch)
+            row, fixed_batch = self._train_epoch(loop, epoch, label_fraction, fixed_batch, resume_at if epoch == start_epoch else None)
             if val_loader is not None:
-                best = self._validate(loop, epoch, row, best, ckpt_dir)
+                best = loop.best = self._validate(loop, epoch, row, best, ckpt_dir)
             if objective is not None and hasattr(objective, "on_epoch_end") and fixed_batch is not None:
                 (self.out / stage.name).mkdir(parents=True, exist_ok=True)
                 objective.eval()
@@ -748,6 +771,8 @@ class Runner:
 
         if best["epoch"] is not None:
             self._load_model(ckpt_dir / "best.pt", f"stages.{stage.name}")
+        elif ema is not None:
+            model.load_state_dict(ema.module.state_dict())
         model.encoder.requires_grad_(True)
         rundir.save_torch(ckpt_dir / "model.pt", {
             "model": model.state_dict(), "arch": model.encoder.arch, "in_channels": model.encoder.in_channels,
@@ -769,7 +794,8 @@ class Runner:
         """Everything ``last.pt`` holds, back in place; its metrics row too if the log lost it."""
         stage = loop.stage
         where = f"{self.flags['resume']} (stage '{stage.name}')"
-        required = ["model", "optimizer", "schedule", "scaler", "epoch", "best", "rng"] + (["objective"] if loop.objective is not None else [])
+        required = ["model", "optimizer", "schedule", "scaler", "epoch", "best", "rng"] + (["objective"] if loop.objective is not None else []) \
+            + (["ema"] if loop.ema is not None else [])
         state = checkpoints.load_checkpoint(path, where, required=required, map_location=self.device)
         checkpoints.load_state(self.model, state["model"], path, where)
         try:
@@ -781,27 +807,41 @@ class Runner:
             set_rng_state(state["rng"])
         except (RuntimeError, KeyError, TypeError, ValueError) as exc:
             raise CorexError(f"{where}: '{path}' does not fit this stage's objective or optimizer ({str(exc).splitlines()[0][:200]})") from None
+        try:
+            if loop.ema is not None:
+                loop.ema.load_state_dict(state["ema"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            raise CorexError(f"{where}: '{path}' does not fit this stage's EMA ({str(exc).splitlines()[0][:200]})") from None
         epoch = int(state["epoch"])
         self.metrics.truncate(self.results["stages"], stage.name, epoch)
         row = state.get("row")
-        if row and not self.metrics.has(stage.name, epoch):  # killed between the checkpoint and the log
+        if row and row.get("epoch") == epoch and not self.metrics.has(stage.name, epoch):  # killed between the checkpoint and the log
             self.metrics.append(row)
-        log(f"[{stage.name}] resumed after epoch {epoch}")
-        return state["best"], epoch
+        position = state.get("within")  # a checkpoint_every checkpoint inside epoch + 1
+        if position:
+            log(f"[{stage.name}] resumed in epoch {epoch + 1} after step {position['step']}")
+        else:
+            log(f"[{stage.name}] resumed after epoch {epoch}")
+        return state["best"], epoch, position
 
-    def _train_epoch(self, loop: _Loop, epoch: int, label_fraction: float, fixed_batch: dict | None) -> tuple[dict[str, Any], dict | None]:
+    def _train_epoch(self, loop: _Loop, epoch: int, label_fraction: float, fixed_batch: dict | None,
+                     resume_at: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict | None]:
+        """One epoch; ``resume_at`` (from a mid-epoch checkpoint) holds the step to start after and the
+        running sums so far, so the epoch's row equals an uninterrupted one."""
         stage, model, device, recipe = loop.stage, self.model, self.device, self.recipe
-        train_loader = self._loader("train", stage, shuffle=True, label_fraction=label_fraction, epoch=epoch)
+        first = int(resume_at["step"]) if resume_at else 0
+        train_loader = self._loader("train", stage, shuffle=True, label_fraction=label_fraction, epoch=epoch, start_batch=first)
         model.train()
         if stage.freeze:
             model.encoder.eval()  # a linear probe keeps the encoder's batch-norm statistics
         if loop.objective is not None:
             loop.objective.train()
-        sums: dict[str, Tensor] = {}
-        seen = 0
-        started = time.perf_counter()
+        sums: dict[str, Tensor] = {k: torch.tensor(v, device=device) for k, v in (resume_at or {}).get("sums", {}).items()}
+        seen = int((resume_at or {}).get("seen", 0))
+        started = time.perf_counter() - float((resume_at or {}).get("elapsed", 0.0))
         bar = Progress(loop.steps, f"[{stage.name}] epoch {epoch}/{stage.epochs}", note=self._run_eta, mode="off" if self.progress_off else None)
-        for step, batch in enumerate(train_loader):
+        bar.done = first
+        for step, batch in enumerate(train_loader, start=first):
             if step >= loop.steps:
                 break
             if not loop.checked:
@@ -821,6 +861,8 @@ class Runner:
             loop.scaler.step(loop.optimizer)
             loop.scaler.update()
             loop.schedule.step()
+            if loop.ema is not None:
+                loop.ema.update_parameters(model)
             n = batch["image"].shape[0]
             seen += n
             # Summed on the device; read back every SYNC_EVERY steps, not every step (a GPU sync).
@@ -835,6 +877,11 @@ class Runner:
                     raise RunFailure(f"stages.{stage.name}: the loss became {running} by epoch {epoch}, step {step + 1}; lower the learning rate or check the data")
                 bar.set_values(loss=running, img_s=seen / (time.perf_counter() - started))
             bar.update(1)
+            if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < loop.steps:
+                within = {"step": step + 1, "seen": seen, "elapsed": time.perf_counter() - started,
+                          "sums": {k: float(v) for k, v in sums.items()}}
+                self._checkpoint(loop, epoch - 1, None, loop.best, self.out / "checkpoints" / stage.name / "last.pt", within=within)
+                _fault_point("after_step_checkpoint", stage.name, f"{epoch}:{step + 1}")
         bar.close()
         elapsed = time.perf_counter() - started
         row: dict[str, Any] = {"stage": stage.name, "epoch": epoch, **{k: float(v) / max(seen, 1) for k, v in sums.items()}}
@@ -847,7 +894,8 @@ class Runner:
 
     def _validate(self, loop: _Loop, epoch: int, row: dict[str, Any], best: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
         stage = loop.stage
-        val_metrics = self.evaluate(loop.val_loader, loop.heads, loop.evaluators, stage, desc=f"[{stage.name}] validate")[0]
+        evaluated = loop.ema.module if loop.ema is not None else self.model
+        val_metrics = self.evaluate(loop.val_loader, loop.heads, loop.evaluators, stage, desc=f"[{stage.name}] validate", model=evaluated)[0]
         row.update({f"val/{k}": v for k, v in val_metrics.items()})
         metric = stage.select.metric
         if metric not in val_metrics:
@@ -857,13 +905,17 @@ class Runner:
         better = best["value"] is None or (value > best["value"] if stage.select.maximize else value < best["value"])
         if better and math.isfinite(value):
             best = {"epoch": epoch, "value": value, "metrics": val_metrics}
-            rundir.save_torch(ckpt_dir / "best.pt", {"model": self.model.state_dict(), "epoch": epoch, metric: value, "arch": self.model.encoder.arch})
+            rundir.save_torch(ckpt_dir / "best.pt", {"model": evaluated.state_dict(), "epoch": epoch, metric: value, "arch": self.model.encoder.arch})
         return best
 
-    def _checkpoint(self, loop: _Loop, epoch: int, row: dict[str, Any], best: dict[str, Any], path: Path) -> None:
+    def _checkpoint(self, loop: _Loop, epoch: int, row: dict[str, Any] | None, best: dict[str, Any], path: Path,
+                    within: Mapping[str, Any] | None = None) -> None:
         """``last.pt`` holds the epoch's metrics row as well, so the two are written as one step:
-        a kill between them is repaired on resume."""
+        a kill between them is repaired on resume. ``within`` marks a checkpoint inside epoch
+        ``epoch + 1`` (``checkpoint_every``): its step and running sums."""
         rundir.save_torch(path, {
+            "within": dict(within) if within else None,
+            "ema": loop.ema.state_dict() if loop.ema is not None else None,
             "model": self.model.state_dict(),
             "objective": loop.objective.state_dict() if loop.objective is not None else None,
             "optimizer": loop.optimizer.state_dict(),
@@ -875,6 +927,8 @@ class Runner:
             "arch": self.model.encoder.arch,
             "row": row,
         })
+        if within:
+            return
         _fault_point("after_checkpoint", loop.stage.name, epoch)
         self.metrics.append(row)
         _fault_point("after_row", loop.stage.name, epoch)
@@ -906,9 +960,9 @@ class Runner:
         return weights
 
     def evaluate(self, loader: DataLoader, heads: list[str], evaluators: list[tuple[str, Any]], stage: Stage, artefacts: Path | None = None,
-                 desc: str | None = None):
+                 desc: str | None = None, model: CorexModel | None = None):
         return evaluate_loader(
-            self.model, loader, heads, evaluators, self.device, weights=self._head_weights(stage), amp=autocast_dtype(stage, self.device),
+            model if model is not None else self.model, loader, heads, evaluators, self.device, weights=self._head_weights(stage), amp=autocast_dtype(stage, self.device),
             channels_last=self.recipe.model.channels_last, artefacts=artefacts, where=f"stages.{stage.name}",
             desc=None if self.progress_off else desc,
         )
@@ -949,6 +1003,8 @@ class _Loop:
     steps: int
     evaluators: list[tuple[str, Any]]
     val_loader: DataLoader | None
+    ema: Any = None  # torch.optim.swa_utils.AveragedModel when the stage asks for it
+    best: dict[str, Any] = attrs.field(factory=lambda: {"epoch": None, "value": None, "metrics": {}})
     checked: bool = False
 
 

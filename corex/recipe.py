@@ -36,10 +36,11 @@ INJECTED: dict[str, tuple[str, ...]] = {
 }
 
 StageKind = Literal["train", "pretrain", "evaluate"]
-_TRAINING_KEYS = ("kind", "epochs", "batch_size", "optimizer", "schedule", "augment", "encoder_from", "grad_clip", "amp", "max_steps_per_epoch")
+_TRAINING_KEYS = ("kind", "epochs", "batch_size", "optimizer", "schedule", "augment", "encoder_from", "grad_clip", "amp", "max_steps_per_epoch",
+                  "checkpoint_every")
 # The stage keys that mean something for each kind of stage (the resolved recipe shows only these).
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "train": (*_TRAINING_KEYS, "heads", "evaluators", "freeze", "select"),
+    "train": (*_TRAINING_KEYS, "heads", "evaluators", "freeze", "select", "ema"),
     "pretrain": (*_TRAINING_KEYS, "objective"),
     "evaluate": ("kind", "batch_size", "evaluators", "split", "encoder_from", "amp"),
 }
@@ -205,6 +206,11 @@ class Stage:
     grad_clip: float | None = checked(None, POSITIVE)  # None: no clipping
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     max_steps_per_epoch: int | None = checked(None, AT_LEAST_ONE)
+    # Also write last.pt every N optimisation steps, for epochs too long to lose (None: epoch ends only).
+    checkpoint_every: int | None = checked(None, AT_LEAST_ONE)
+    # Exponential moving average of the weights with this decay (e.g. 0.999), used for validation and
+    # the stage's final model (None: off).
+    ema: float | None = checked(None, Limits(low=0, high=1, low_open=True, high_open=True))
 
 
 @attrs.define
@@ -603,4 +609,8 @@ def _cross_check(recipe: Recipe, problems: Problems) -> None:
             )
         if stage.kind == "train" and stage.select.metric != "loss" and not stage.evaluators:
             problems.add(f"{base}.select.metric", f"selecting on '{stage.select.metric}' needs evaluators in this stage (validation runs them)")
+        if stage.ema is not None and stage.kind != "train":
+            problems.add(f"{base}.ema", f"only train stages keep an EMA of the weights; this stage is '{stage.kind}'")
+        if stage.checkpoint_every is not None and stage.kind == "evaluate":
+            problems.add(f"{base}.checkpoint_every", "an evaluate stage trains nothing and writes no checkpoints")
         seen.append(stage.name)

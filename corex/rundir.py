@@ -25,17 +25,21 @@ Made by `corex run` from the recipe below (recipe.yaml holds it fully resolved).
 
 | file | what it holds |
 |---|---|
-| recipe.yaml | the resolved recipe: every default filled in, overrides applied |
+| recipe.yaml | the recipe as run: each stage's optimizer, schedule and batch size filled in, overrides applied |
 | plugins.json | every plugin with its version and the components it provides |
-| data.json | images, studies and patients per split and class |
+| provenance.json | Python, torch, device, the command line and the recipe's git commit, at the start and at each resume |
+| data.json | class names; images, studies and patients per split and class |
+| skipped.json | samples left out under `on_bad_sample: skip` (only when there are some) |
 | metrics.jsonl | one JSON line per epoch of every train/pretrain stage |
-| results.json | the final metrics of every stage (best checkpoint for train stages) |
-| curves.png | training loss and validation metrics per epoch |
+| results.json | the final metrics of every stage (best checkpoint for train stages), with 95% intervals |
+| report.html, report.md | the deploy-readiness report: figures, tables and findings computed from the numbers |
+| curves.png | training loss and validation metrics per epoch, the selected epoch marked |
 | checkpoints/STAGE/ | last.pt (resume), best.pt (best validation), model.pt (what later stages start from) |
 | STAGE/ | what a stage's evaluators and objective wrote: plots, tables, predictions |
+| evaluations/ | later `corex evaluate` runs, each in a folder of its own |
 
-Resume an interrupted run with `corex run {recipe} --out {out} --resume`.
-Export an encoder with `corex export {out} --stage STAGE encoder.pt`.
+Resume an interrupted run with `corex run {recipe} --out {out} --resume`; start it afresh with `--overwrite`.
+Export the model with `corex export {out} model.pt` (see docs/predict.md).
 """
 
 

@@ -1,12 +1,27 @@
 """pytest fixtures for corex and for plugin authors (registered under the ``pytest11`` entry point).
 
-Fixtures:
+Installing corex makes these fixtures available in every pytest run of the environment, with no
+``conftest.py`` and no import:
 
-``corex_pm``        a fresh process-wide plugin manager with the ``toy`` dataset registered; your
-                    test can ``corex.plugins.register(corex_pm, my_plugin)`` to add its own.
+``corex_pm``        a fresh process-wide plugin manager (:func:`corex.plugins.get_plugin_manager`
+                    returns it for the whole test) with every *installed* plugin already loaded
+                    from its ``corex`` entry point, ``COREX_PLUGINS`` applied, and the ``toy``
+                    dataset added. Your installed plugin is therefore already there: do not
+                    register it again (pluggy refuses a module registered twice, which corex
+                    reports as a PluginError); look its components up with
+                    ``corex.plugins.Registry(corex_pm)``.
+``corex_plugin``    for a plugin that is *not* installed (a module or class defined in a test, a
+                    development copy): ``pm = corex_plugin(my_module, name="mine")`` registers it
+                    into ``corex_pm``, runs the hook-name check that plain
+                    ``corex.plugins.register`` skips (:func:`corex.plugins.check`: a misspelt
+                    hook such as ``corex_encoder`` fails here instead of being ignored), and
+                    returns the manager. It is unregistered when the test ends.
 ``tiny_recipe``     a recipe mapping for a seconds-long multi-task run on the toy data with a tiny
                     ResNet; tweak it, then ``corex.load_recipe(tiny_recipe)``.
 ``corex_cli``       runs the ``corex`` command line in-process: ``code, out, err = corex_cli("validate", path)``.
+
+It also registers the ``slow`` marker (``@pytest.mark.slow``, for end-to-end runs), so a plugin's
+test suite can mark its runs without declaring the marker itself; ``-m "not slow"`` skips them.
 
 The ``toy`` dataset (:class:`ToySource`) is learnable by construction: each class puts a bright
 square in its own quadrant, and the square is the opacity mask.
@@ -122,8 +137,16 @@ def tiny_recipe_dict() -> dict[str, Any]:
     }
 
 
+SLOW_MARKER = "slow: end-to-end runs (still seconds, tiny models); deselect with -m 'not slow'"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", SLOW_MARKER)
+
+
 @pytest.fixture
 def corex_pm():
+    """The process-wide plugin manager, fresh for this test: installed plugins loaded, ``toy`` added."""
     from corex.plugins import get_plugin_manager, register, reset_plugin_manager
 
     reset_plugin_manager()
@@ -131,6 +154,38 @@ def corex_pm():
     register(pm, ToyPlugin, name="corex-toy")
     yield pm
     reset_plugin_manager()
+
+
+@pytest.fixture
+def corex_plugin(corex_pm) -> Callable[..., Any]:
+    """``corex_plugin(plugin, name=None)``: register a plugin that is not installed, check its hook
+    names, and return the plugin manager (the same one ``corex_cli`` and ``corex.run`` use)."""
+    from corex.errors import PluginError
+    from corex.plugins import check, register
+
+    added: list[object] = []
+
+    def add(plugin: object, name: str | None = None) -> Any:
+        if corex_pm.is_registered(plugin):
+            raise PluginError(
+                f"plugin {corex_pm.get_name(plugin)!r} is already loaded (installed plugins come in through their entry "
+                "point before the test starts): use the corex_pm fixture as it is, or uninstall the package to test "
+                "a copy that is not installed"
+            )
+        register(corex_pm, plugin, name=name)
+        added.append(plugin)
+        try:
+            check(corex_pm)
+        except PluginError:
+            corex_pm.unregister(plugin)
+            added.remove(plugin)
+            raise
+        return corex_pm
+
+    yield add
+    for plugin in reversed(added):
+        if corex_pm.is_registered(plugin):
+            corex_pm.unregister(plugin)
 
 
 @pytest.fixture

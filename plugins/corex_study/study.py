@@ -2,7 +2,7 @@
 
 Layout of a study directory::
 
-    OUT/pretrain/<objective>/seed-<S>/          one pre-training per distinct pretrain stage and seed
+    OUT/pretrain/<objective>-<hash>/seed-<S>/   one pre-training per distinct pretrain stage and seed
     OUT/<arm>/frac-<F>/seed-<S>/                one fine-tuning run per arm, label fraction and seed
     OUT/<arm>/frac-<F>/seed-<S>.log            what the engine printed while running it
     OUT/compare.{md,csv,png,json}, OUT/report.{html,md,json}
@@ -130,10 +130,8 @@ def plan(recipes: list[Path], seeds: list[int], fractions: list[float], out: Pat
                 if names_pre:
                     pre = pretrain_recipe(resolved, names_pre)
                     key = pretrain_key(pre)
-                    if key not in groups:
-                        label = pre["name"].removeprefix("pretrain-")
-                        taken = set(groups.values())
-                        groups[key] = label if label not in taken else f"{label}-{key}"
+                    # The key in the name: another pre-training can never take this one's folder.
+                    groups.setdefault(key, f"{pre['name'].removeprefix('pretrain-')}-{key}")
                     if key not in shared:
                         pre_out = out / PRETRAIN_DIR / groups[key] / f"seed-{seed}"
                         shared[key] = Job("pretrain", groups[key], seed, 1.0, pre, pre_out)
@@ -174,7 +172,13 @@ def finished(job: Job) -> dict[str, Any] | None:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return results if all(s in results.get("stages", {}) for s in job.recipe["stages"]) else None
+    if not all(s in results.get("stages", {}) for s in job.recipe["stages"]):
+        return None
+    saved = job.out / "recipe.yaml"
+    if saved.exists() and corex.load_recipe(saved).digest() != corex.load_recipe(job.recipe).digest():
+        raise CorexError(f"'{job.out}' holds a finished run of another recipe than this study's {job.label()} "
+                         f"(compare {saved}); use another --out, or delete that run to redo it")
+    return results
 
 
 def run_job(job: Job) -> tuple[dict[str, Any], list[str]]:

@@ -110,3 +110,8 @@ def test_bare_data_and_no_command_print_usage(corex_cli):
 def test_a_missing_recipe_file_is_a_message_not_a_traceback(corex_cli, tmp_path):
     code, _, err = corex_cli("validate", tmp_path / "nope.yaml")
     assert code == 2 and "cannot read the recipe" in err and "Traceback" not in err
+
+
+def test_data_info_says_what_it_knows_of_undecodable_images(corex_cli, tmp_path):
+    code, out, _ = corex_cli("data", "info", QUICKSTART, "--set", f"data.cache_dir={tmp_path}", "--set", "data.studies=24")
+    assert code == 0 and "images that cannot be decoded: 0 known, " in out and "not checked yet" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,9 @@ def test_plan_shares_pretraining_and_lays_out_runs(arms, tmp_path):
     jobs = plan(arms, [0, 1], [1.0, 0.5], tmp_path / "study")
     pretrain = [j for j in jobs if j.kind == "pretrain"]
     runs = [j for j in jobs if j.kind == "arm"]
-    assert [j.out.relative_to(tmp_path / "study").as_posix() for j in pretrain] == ["pretrain/moco/seed-0", "pretrain/moco/seed-1"]
+    group = pretrain[0].out.parent.name
+    assert re.fullmatch(r"moco-[0-9a-f]{8}", group)
+    assert [j.out.relative_to(tmp_path / "study").as_posix() for j in pretrain] == [f"pretrain/{group}/seed-0", f"pretrain/{group}/seed-1"]
     assert len(runs) == 8 and all(j.needs == [pretrain[j.seed]] for j in runs)
     half = next(j for j in runs if j.name == "moco_multitask" and j.fraction == 0.5 and j.seed == 1)
     assert half.out.relative_to(tmp_path / "study").as_posix() == "moco_multitask/frac-0.5/seed-1"
@@ -99,9 +102,12 @@ def test_a_killed_study_resumes_without_redoing_finished_runs(arms, tmp_path, co
     assert "resumed" in (interrupted.parent / "seed-1.log").read_text()
     results = json.loads((interrupted / "results.json").read_text())
     assert set(results["stages"]) == {"train", "test"}
-    assert sorted(p.relative_to(out).as_posix() for p in (out / "pretrain").glob("*/seed-?")) == ["pretrain/moco/seed-0", "pretrain/moco/seed-1"]
+    assert [p.name for p in sorted((out / "pretrain").glob("moco-*/seed-?"))] == ["seed-0", "seed-1"]
     compare = (out / "compare.md").read_text()
     assert "tiny-moco_multitask" in compare and "Paired differences" in compare
     for name in ("compare.csv", "compare.png", "compare.json", "report.html", "report.md"):
         assert (out / name).exists(), name
     assert (interrupted / "report.html").exists()
+
+    code, _, err = corex_cli(*command, "--set", "stages.test.evaluators.0.bootstrap=30")
+    assert code == 2 and "holds a finished run of another recipe than this study's moco_classification frac 1 seed 0" in err

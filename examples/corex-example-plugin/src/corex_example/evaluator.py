@@ -80,8 +80,8 @@ class SensitivityAtSpecificity:
             cut = float(torch.sort(negatives, descending=True).values[allowed])
         return row | {
             "threshold": cut,
-            "sensitivity": float((positives > cut).float().mean()),
-            "specificity": float((negatives <= cut).float().mean()),
+            "sensitivity": float((positives > cut).double().mean()),
+            "specificity": float((negatives <= cut).double().mean()),
         }
 
     def compute(self) -> dict[str, float]:
