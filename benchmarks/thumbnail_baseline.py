@@ -78,7 +78,7 @@ def measure(recipe_path: Path, overrides: list[str]) -> dict:
     probabilities, truth = study_level(model.predict_proba(x), y, studies)
     return {
         "recipe": str(recipe_path), "overrides": overrides, "difficulty": recipe.data.options.get("difficulty"),
-        "C": c, "test_studies": int(len(truth)),
+        "C": c, "test_studies": len(truth),
         "test_macro_f1": float(f1_score(truth, probabilities.argmax(1), average="macro")),
     }
 

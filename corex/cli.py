@@ -32,13 +32,16 @@ examples:
   corex run recipes/quickstart.yaml                      multi-task run on the embedded phantom data
   corex run recipes/quickstart.yaml --set stages.train.epochs=2 --out runs/short
   corex run recipes/quickstart.yaml --out runs/short --resume   continue an interrupted run
-  corex validate recipes/siim/multitask.yaml --set data.root=/data/siim
+  corex --progress lines run quickstart                  plain progress lines, for a log file
+  corex validate recipes/siim/multitask_scratch.yaml --no-build --set data.root=/data/siim
   corex plugins --json                                   what every plugin provides
   corex recipes                                          the shipped recipes
   corex data info recipes/quickstart.yaml                images and studies per split and class
   corex export runs/quickstart model.pt                  the whole model, for predict and evaluate
   corex predict model.pt scans/ --out predictions        DICOM/PNG/JPEG files, per image and per study
   corex evaluate runs/quickstart --tta hflip,scale       evaluate again, with and without TTA
+  corex study recipes/phantom/*.yaml --seeds 0 1 2 --label-fractions 1.0 0.1 --out runs/study
+  corex compare runs/study --baseline classification_scratch   paired differences between arms
 """
 
 

@@ -970,15 +970,10 @@ class Runner:
     def evaluate_stage(self, stage: Stage) -> dict[str, Any]:
         self._start_encoder(stage)
         evaluators = build_evaluators(stage, self.class_names, self.registry)
-        calibrated = [(path, e) for path, e in evaluators if hasattr(e, "calibration_update")]
-        if calibrated and stage.split != "val":
-            # Calibration (e.g. temperature scaling) is fitted on the validation split, never on the split it is scored on.
-            val_loader = self._loader("val", stage, shuffle=False, label_fraction=self._val_fraction())
-            feed_calibration(self.model, val_loader, list(self.model.heads), calibrated, self.device, amp=autocast_dtype(stage, self.device),
-                             channels_last=self.recipe.model.channels_last, where=f"stages.{stage.name}")
-        loader = self._loader(stage.split, stage, shuffle=False)
-        heads = list(self.model.heads)
-        metrics, intervals = self.evaluate(loader, heads, evaluators, stage, artefacts=self.out / stage.name, desc=f"[{stage.name}] evaluate {stage.split}")
+        metrics, intervals = evaluate_split(
+            self.model, self.source, self.recipe, stage, evaluators, self.device, weights=self._head_weights(stage),
+            artefacts=self.out / stage.name, desc=None if self.progress_off else f"[{stage.name}] evaluate {stage.split}",
+        )
         line = "  ".join(f"{k} {format_metric(k, v)}" for k, v in metrics.items() if "/" not in k)
         log(f"[{stage.name}] {stage.split}: {line}")
         result: dict[str, Any] = {"kind": "evaluate", "split": stage.split, "metrics": metrics}
@@ -1048,6 +1043,34 @@ def _feed(evaluators: list[tuple[str, Any]], method: str, batch: dict[str, Any],
                 getattr(evaluator, method)(batch, outputs)
         except KeyError as exc:
             raise CorexError(f"{path}: reads the output of head {exc}, but the model's heads are {', '.join(heads) or 'none'}") from exc
+
+
+def evaluate_split(model: CorexModel, source: Any, recipe: Recipe, stage: Stage, evaluators: list[tuple[str, Any]], device: torch.device, *,
+                   split: str | None = None, heads: list[str] | None = None, weights: Mapping[str, float] | None = None,
+                   artefacts: Path | None = None, desc: str | None = None, channels_last: bool | None = None):
+    """What an evaluate stage does (``corex run`` and ``corex evaluate`` alike): when an evaluator
+    calibrates (temperature scaling), first stream the validation split through it, never the split
+    it is scored on; then evaluate ``split`` (default: the stage's) with the stage's batch size and
+    precision. Returns ``(metrics, intervals)``."""
+    split = split or stage.split
+    heads = list(model.heads) if heads is None else heads
+    amp = autocast_dtype(stage, device)
+    channels_last = recipe.model.channels_last if channels_last is None else channels_last
+    where = f"stages.{stage.name}"
+
+    def loader(name: str, label_fraction: float = 1.0) -> DataLoader:
+        dataset = source.split(name, label_fraction=label_fraction)
+        if len(dataset) == 0:
+            raise CorexError(f"{where}: the '{name}' split of data '{recipe.data.name}' is empty")
+        return make_loader(dataset, recipe.stage_batch_size(stage), shuffle=False, seed=stage_seed(recipe.seed, stage.name, 0),
+                           num_workers=recipe.data.num_workers, device=device)
+
+    calibrated = [(path, e) for path, e in evaluators if hasattr(e, "calibration_update")]
+    if calibrated and split != "val":
+        fraction = recipe.data.label_fraction if recipe.data.reduce_val else 1.0
+        feed_calibration(model, loader("val", fraction), heads, calibrated, device, amp=amp, channels_last=channels_last, where=where)
+    return evaluate_loader(model, loader(split), heads, evaluators, device, weights=weights, amp=amp, channels_last=channels_last,
+                           artefacts=artefacts, where=where, desc=desc)
 
 
 @torch.no_grad()

@@ -85,7 +85,7 @@ def create_plugin_manager(*, autoload: bool | None = None) -> pluggy.PluginManag
                 raise PluginError(f"plugin '{module_name}' (from COREX_PLUGINS) failed to import: {_describe(exc)}") from exc
             raise PluginError(
                 f"COREX_PLUGINS names '{module_name}', which cannot be imported: {exc}. "
-                "Is its folder on PYTHONPATH (or the current directory)?"
+                "Put its folder on PYTHONPATH (the corex command does not look in the current directory; python -m corex.cli does)."
             ) from exc
         except Exception as exc:  # a plugin may raise anything at import; the message must name it
             raise PluginError(f"plugin '{module_name}' (from COREX_PLUGINS) failed to import: {_describe(exc)}") from exc

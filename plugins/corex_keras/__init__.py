@@ -9,7 +9,7 @@ Encoders: ``keras_resnet50``, ``keras_densenet121``, ``keras_efficientnetb0``. O
 ``in_channels`` (1: grey radiographs; a grey input is repeated to it) and ``weights`` (a local keras
 weights file for the same architecture and ``in_channels``, or None; nothing is ever downloaded).
 
-keras-core is optional (``pip install "corex[keras]"``) and imported only when an encoder is built,
+keras-core is optional (``pip install keras-core==0.1.7``) and imported only when an encoder is built,
 with ``KERAS_BACKEND=torch`` unless the environment already says otherwise, and with keras's home
 (where it writes keras.json) in corex's cache, ``$COREX_CACHE/keras`` (default
 ``~/.cache/corex/keras``), unless ``KERAS_HOME`` is set: corex leaves ``~/.keras`` alone.

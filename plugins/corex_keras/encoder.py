@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-INSTALL_HINT = 'pip install "corex[keras]"'
+INSTALL_HINT = "pip install keras-core==0.1.7"  # not "corex[keras]": another project on the public index is named corex
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from corex.interfaces import Batch
-from corex_moco.split_bn import splittable_batch_norms, sub_batch_norm
 
 
 def _world_size() -> int:
@@ -103,14 +102,13 @@ class MoCo(nn.Module):
       normalises each sub-batch with its own statistics, as each GPU does in the reference. The
       queries go in order; the keys go as a random permutation and are un-shuffled afterwards,
       so a key's sub-batch is a random set of images that shares on average only 1/bn_splits of
-      its images with its query's sub-batch. Each view goes through the encoder in one pass, with
-      every batch-norm layer normalising its sub-batches as groups in one call (see
-      :mod:`corex_moco.split_bn`); an encoder with layers whose mixing of samples corex cannot
-      see (keras layers, custom norms) is run sub-batch by sub-batch instead. Limits: (1) the leak is weakened, not removed: some
+      its images with its query's sub-batch. Limits: (1) the leak is weakened, not removed: some
       overlap remains (as with the reference's 8 GPUs), and all keys still come from the current
       batch; (2) statistics over batch/bn_splits samples are noisier, so keep sub-batches of 8
       or more; (3) the encoder's batch-norm running statistics are updated once per sub-batch;
-      (4) smaller groups cost a little more per image. The encoder itself is left
+      (4) bn_splits forward passes per view cost a few percent more than one (one pass with
+      grouped batch-norm calls was measured no faster on a CPU at batch 16, so it was not
+      kept). The encoder itself is left
       untouched (no layer surgery), so what transfers loads without key renaming.
       ``bn_splits=1`` or ``shuffle_bn=False`` turns it off (fine for encoders without batch norm).
 
@@ -128,9 +126,9 @@ class MoCo(nn.Module):
     The views are made by two calls of the augmentation, so they are independent draws whatever the
     augmentation (one call on a doubled batch would tie them for one that draws once per batch).
     The batch's ``mask`` is not passed to it: MoCo never uses the views' masks, and warping them
-    cost as much as warping the images. The parameter lists of the momentum update and the
-    encoders' batch-norm layers are looked up once and again after ``.to()`` (or any
-    ``Module._apply``); replacing a layer or parameter object otherwise is not noticed.
+    cost as much as warping the images. The momentum update runs over parameter lists looked up
+    once, and again after ``.to()`` (any ``Module._apply``); replacing a parameter object
+    otherwise is not noticed.
     """
 
     def __init__(
@@ -202,7 +200,7 @@ class MoCo(nn.Module):
 
         self.register_buffer("queue", F.normalize(torch.randn(projection_dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self._lookups: dict[str, list] | None = None
+        self._parameter_lists: tuple[list[Tensor], list[Tensor]] | None = None
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -212,7 +210,7 @@ class MoCo(nn.Module):
             query_view = augment(images)["image"]
             key_view = augment(images)["image"]
 
-        queries = self._project("query", query_view, self._local_splits())
+        queries = self._project(self.encoder, self.projector, query_view, self._local_splits())
         with torch.no_grad():
             if self.training:
                 self._momentum_update()
@@ -240,8 +238,10 @@ class MoCo(nn.Module):
             return self._encode_keys_across_ranks(images)
         if self.shuffle_bn and self.bn_splits > 1:
             order = torch.randperm(len(images), device=images.device)
-            return self._project("key", images, self.bn_splits, order)
-        return self._project("key", images, 1)
+            shuffled = images[order]
+            keys = self._project(self.key_encoder, self.key_projector, shuffled, self.bn_splits)
+            return keys[torch.argsort(order)]  # un-shuffle
+        return self._project(self.key_encoder, self.key_projector, images, 1)
 
     # -- pieces -----------------------------------------------------------------------------------
 
@@ -249,44 +249,28 @@ class MoCo(nn.Module):
         """Sub-batches for batch norm on this device: bn_splits only when emulating shuffle BN."""
         return self.bn_splits if self.shuffle_bn and _world_size() == 1 else 1
 
-    def _project(self, side: str, images: Tensor, splits: int, order: Tensor | None = None) -> Tensor:
-        """L2-normalised projections of ``images`` by the ``side`` ("query" or "key") encoder and
-        head, in the images' order. With ``splits`` > 1, batch norm sees the sub-batches
-        ``images[order].tensor_split(splits)`` (``order``: as the images come)."""
-        encoder, projector = (self.encoder, self.projector) if side == "query" else (self.key_encoder, self.key_projector)
-        if splits == 1:
-            return F.normalize(projector(encoder(images)[-1]), dim=1)
-        if order is None:
-            order = torch.arange(len(images), device=images.device)
-        norms = self._lookup()[f"{side}_norms"]
-        if norms is None or len(images) % splits:
-            features = torch.cat([encoder(chunk)[-1] for chunk in images[order].tensor_split(splits)])
-        else:
-            order = order.view(splits, -1).T.reshape(-1)  # sub-batch k at positions k, k + splits, ...
-            with sub_batch_norm(norms, splits):
-                features = encoder(images[order])[-1]
-        return F.normalize(projector(features), dim=1)[torch.argsort(order)]
+    @staticmethod
+    def _project(encoder: nn.Module, projector: nn.Module, images: Tensor, splits: int) -> Tensor:
+        chunks = images.tensor_split(splits) if splits > 1 else (images,)
+        return F.normalize(torch.cat([projector(encoder(chunk)[-1]) for chunk in chunks]), dim=1)
 
-    def _lookup(self) -> dict:
-        """What every step needs from the module tree, found once (and again after ``_apply``)."""
-        if self._lookups is None:
-            self._lookups = {
-                "query_parameters": [*self.encoder.parameters(), *self.projector.parameters()],
-                "key_parameters": [*self.key_encoder.parameters(), *self.key_projector.parameters()],
-                "query_norms": splittable_batch_norms(self.encoder),
-                "key_norms": splittable_batch_norms(self.key_encoder),
-            }
-        return self._lookups
+    def _momentum_parameters(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(key, query) parameters in matching order, listed once (and again after ``_apply``)."""
+        if self._parameter_lists is None:
+            self._parameter_lists = (
+                [*self.key_encoder.parameters(), *self.key_projector.parameters()],
+                [*self.encoder.parameters(), *self.projector.parameters()],
+            )
+        return self._parameter_lists
 
     def _apply(self, fn, recurse=True):
-        self._lookups = None  # .to() and friends may replace parameters and buffers
+        self._parameter_lists = None  # .to() and friends may replace the parameter objects
         return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def _momentum_update(self) -> None:
         """theta_k <- m theta_k + (1 - m) theta_q, over all parameters at once (foreach ops)."""
-        lookup = self._lookup()
-        keys, queries = lookup["key_parameters"], lookup["query_parameters"]
+        keys, queries = self._momentum_parameters()
         torch._foreach_mul_(keys, self.key_momentum)
         torch._foreach_add_(keys, queries, alpha=1.0 - self.key_momentum)
 
@@ -297,7 +281,7 @@ class MoCo(nn.Module):
         order = torch.randperm(len(every_image), device=images.device)
         dist.broadcast(order, src=0)  # one permutation for all ranks
         my_slice = order.view(world, -1)[rank]
-        keys = self._project("key", every_image[my_slice], 1)
+        keys = self._project(self.key_encoder, self.key_projector, every_image[my_slice], 1)
         every_key = _gather(keys)[torch.argsort(order)]  # back to the gathered images' order
         return every_key.view(world, len(images), -1)[rank]
 

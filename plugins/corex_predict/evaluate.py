@@ -17,14 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from corex import rundir
-from corex.engine import (
-    autocast_dtype,
-    build_data,
-    build_evaluators,
-    evaluate_loader,
-    feed_calibration,
-    make_loader,
-)
+from corex.engine import build_data, build_evaluators, evaluate_split
 from corex.errors import CorexError
 from corex.plugins import Registry
 from corex.recipe import Component, Recipe, Stage
@@ -62,29 +55,18 @@ def evaluate(
     source = build_data(recipe, registry)
     if list(source.class_names) != loaded.class_names:
         raise CorexError(f"the data's classes {list(source.class_names)} are not the model's {loaded.class_names}")
-    dataset = source.split(split)
-    if len(dataset) == 0:
-        raise CorexError(f"the '{split}' split of data '{recipe.data.name}' is empty")
-    loader = make_loader(dataset, batch_size or recipe.stage_batch_size(spec), shuffle=False, seed=recipe.seed,
-                         num_workers=recipe.data.num_workers, device=loaded.device)
     folder = _new_folder(Path(model).expanduser(), split, out)
     rundir.atomic_write_text(folder / "recipe.yaml", recipe.to_yaml())
+    if batch_size is not None:
+        spec.batch_size = batch_size
 
     heads = list(loaded.model.heads)
     weights = {name: float(head.get("weight", 1.0)) for name, head in loaded.meta["heads"].items()}
-    amp = autocast_dtype(spec, loaded.device)
-    where = f"evaluate {split}"
 
     def run(model, evaluators, artefacts: Path, label: str):
-        # As the engine's evaluate stage: calibration is fitted on the validation split first.
-        calibrated = [(path, e) for path, e in evaluators if hasattr(e, "calibration_update")]
-        if calibrated and split != "val":
-            fraction = recipe.data.label_fraction if getattr(recipe.data, "reduce_val", False) else 1.0
-            val_loader = make_loader(source.split("val", label_fraction=fraction), recipe.stage_batch_size(spec), shuffle=False,
-                                     seed=recipe.seed, num_workers=recipe.data.num_workers, device=loaded.device)
-            feed_calibration(model, val_loader, heads, calibrated, loaded.device, amp=amp, channels_last=loaded.channels_last, where=where)
-        return evaluate_loader(model, loader, heads, evaluators, loaded.device, weights=weights, amp=amp, channels_last=loaded.channels_last,
-                               artefacts=artefacts, where=where, desc=f"[evaluate] {label}")
+        # Exactly the engine's evaluate stage: calibration fitted on the validation split first.
+        return evaluate_split(model, source, recipe, spec, evaluators, loaded.device, split=split, heads=heads, weights=weights,
+                              artefacts=artefacts, desc=f"[evaluate] {label}", channels_last=loaded.channels_last)
 
     metrics, intervals = run(loaded.model, build_evaluators(spec, loaded.class_names, registry, split), folder, split)
     if views:

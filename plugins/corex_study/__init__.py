@@ -30,7 +30,7 @@ def corex_run_end(run, results):
         return
     try:
         write_report(run.out)
-    except Exception as exc:  # the run itself succeeded; a report problem must not hide that
+    except Exception as exc:  # noqa: BLE001 -- the run itself succeeded; a report problem must not hide that
         print(f"corex_study: report.html not written ({type(exc).__name__}: {exc}); "
               f"retry with: python -c \"import corex_study; corex_study.write_report('{run.out}')\"", file=sys.stderr)
 

@@ -149,7 +149,8 @@ def conclusion(difference: dict[str, Any]) -> str:
     if any(t["p_holm"] >= ALPHA for t in tests):
         return f"{NO_DIFFERENCE} after correcting for {max(t['comparisons'] for t in tests)} comparisons"
     direction = "higher" if tests[0]["mean"] > 0 else "lower"
-    return f"{direction} than the baseline (every paired 95% interval excludes 0, Holm p < {ALPHA})"
+    caveat = "" if len(difference["seeds"]) > 1 else "; one seed, so the variation between trainings is not measured"
+    return f"{direction} than the baseline (every paired 95% interval excludes 0, Holm p < {ALPHA}{caveat})"
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -210,8 +211,8 @@ def markdown(comparison: dict[str, Any]) -> str:
     text = [
         f"# Comparison of test {metric}",
         "",
-        "Mean ± sd over seeds; per seed, the run's own 95% bootstrap interval over test studies. "
-        "Other columns: means over seeds.",
+        ("Mean ± sd over seeds; per seed, the run's own 95% bootstrap interval over test studies. "
+         "Other columns: means over seeds."),
         "",
         arms_table(comparison),
     ]
@@ -220,11 +221,11 @@ def markdown(comparison: dict[str, Any]) -> str:
             "",
             f"## Paired differences in test {metric} against {comparison['baseline']} (same label fraction)",
             "",
-            "By seed: the same seed's runs, mean difference with a Student-t 95% interval. By test study: "
-            f"a paired bootstrap over the same test studies ({comparison['resamples']} resamples, patients together "
-            "when known), averaged over the paired seeds. p-values are two-sided; Holm's adjustment is over the "
-            "comparisons of each kind (their number is given). A difference counts as detected only when every "
-            f"paired interval excludes 0 and its Holm-adjusted p < {ALPHA}; otherwise: {NO_DIFFERENCE}.",
+            ("By seed: the same seed's runs, mean difference with a Student-t 95% interval. By test study: "
+             f"a paired bootstrap over the same test studies ({comparison['resamples']} resamples, patients together "
+             "when known), averaged over the paired seeds. p-values are two-sided; Holm's adjustment is over the "
+             "comparisons of each kind (their number is given). A difference counts as detected only when every "
+             f"paired interval excludes 0 and its Holm-adjusted p < {ALPHA}; otherwise: {NO_DIFFERENCE}."),
             "",
             differences_table(comparison),
         ]

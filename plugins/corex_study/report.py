@@ -16,9 +16,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from corex_eval.artefacts import slug
+
 from corex.errors import CorexError
 from corex.rundir import atomic_write_text, write_json
-from corex_eval.artefacts import slug
 from corex_study.findings import RULE, read_csv, stage_findings, stage_folder
 from corex_study.runs import read_json
 

@@ -86,6 +86,8 @@ def find_runs(paths: list[Path]) -> list[Run]:
         if not path.is_dir():
             raise CorexError(f"'{path}' is not a directory (give run or study directories)")
         candidates = [path] if (path / "results.json").exists() else sorted(p.parent for p in path.rglob("results.json"))
+        # A folder inside a run (a re-evaluation of it) is not another run of the study.
+        candidates = [c for c in candidates if not any(other in c.parents for other in candidates)]
         runs = [run for run in (read_run(c) for c in candidates) if run is not None]
         if not runs:
             raise CorexError(f"'{path}' holds no finished run with a test evaluation (no results.json with an evaluate stage on the test split)")

@@ -37,6 +37,7 @@ import attrs
 
 import corex
 from corex.errors import CorexError, did_you_mean
+from corex.progress import format_duration
 from corex.recipe import Data
 
 PRETRAIN_DIR = "pretrain"
@@ -209,12 +210,6 @@ def headline(results: dict[str, Any], metric: str) -> str:
 
 def run_time(results: dict[str, Any]) -> float:
     return float(sum(s.get("time_s", 0.0) for s in results.get("stages", {}).values()))
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 class Eta:

@@ -115,3 +115,17 @@ def test_a_missing_recipe_file_is_a_message_not_a_traceback(corex_cli, tmp_path)
 def test_data_info_says_what_it_knows_of_undecodable_images(corex_cli, tmp_path):
     code, out, _ = corex_cli("data", "info", QUICKSTART, "--set", f"data.cache_dir={tmp_path}", "--set", "data.studies=24")
     assert code == 0 and "images that cannot be decoded: 0 known, " in out and "not checked yet" in out
+
+
+def test_every_example_in_help_names_a_real_command_and_existing_recipes(corex_cli):
+    from corex.cli import EXAMPLES, build_parser
+
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    for line in EXAMPLES.splitlines()[1:]:
+        words = line.split()
+        assert words[0] == "corex", line
+        command = next(w for w in words[1:] if not w.startswith("-") and w != "lines")
+        assert command in commands, line
+        for word in words:
+            if word.startswith("recipes/") and "*" not in word:
+                assert (ROOT / word).exists(), line

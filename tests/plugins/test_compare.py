@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from corex_study import stats
 from scipy import stats as scipy_stats
 from sklearn.metrics import (
     accuracy_score,
@@ -18,8 +19,6 @@ from sklearn.metrics import (
     f1_score,
     roc_auc_score,
 )
-
-from corex_study import stats
 
 # -- the t distribution and the paired t interval ---------------------------------------------------
 
@@ -177,6 +176,9 @@ def fabricate_study(root: Path, seeds=(0, 1, 2), n=120):
 
 def test_compare_writes_tables_and_plot_with_paired_differences(corex_cli, tmp_path):
     f1 = fabricate_study(tmp_path / "study")
+    evaluation = tmp_path / "study" / "base" / "seed-0" / "model-evaluations" / "test-1"  # a re-evaluation, not a run
+    evaluation.mkdir(parents=True)
+    (evaluation / "results.json").write_text((tmp_path / "study" / "base" / "seed-0" / "results.json").read_text())
     code, stdout, err = corex_cli("compare", tmp_path / "study", "--baseline", "base", "--resamples", "500")
     assert code == 0, err
     assert "| better | 1 | 3 |" in stdout and "Paired differences in test macro_f1 against base" in stdout
@@ -205,7 +207,7 @@ def test_an_arm_against_itself_shows_no_detectable_difference(corex_cli, tmp_pat
             (twin / file).write_text((run / file).read_text().replace("base", "twin"))
         (twin / "test").mkdir()
         (twin / "test" / "predictions.csv").write_text((run / "test" / "predictions.csv").read_text())
-    code, stdout, err = corex_cli("compare", tmp_path / "a", "--baseline", "base", "--resamples", "200", "--out", tmp_path / "out")
+    code, _, err = corex_cli("compare", tmp_path / "a", "--baseline", "base", "--resamples", "200", "--out", tmp_path / "out")
     assert code == 0, err
     result = json.loads((tmp_path / "out" / "compare.json").read_text())
     twin = next(d for d in result["differences"] if d["recipe"] == "twin")
@@ -217,7 +219,7 @@ def test_compare_refuses_runs_whose_test_studies_differ(corex_cli, tmp_path):
     labels = np.arange(40) % 4
     fabricate_run(tmp_path / "one", "base", 0, labels, labels, [f"s{i}" for i in range(40)])
     fabricate_run(tmp_path / "two", "other", 0, labels, labels, [f"t{i}" for i in range(40)])
-    code, stdout, err = corex_cli("compare", tmp_path / "one", tmp_path / "two")
+    code, _, err = corex_cli("compare", tmp_path / "one", tmp_path / "two")
     assert code == 2 and "Traceback" not in err
     assert f"cannot pair '{tmp_path / 'two'}' with '{tmp_path / 'one'}': their test studies differ (40 only in the first, 40 only in the second)" in err
 

@@ -3,7 +3,6 @@ learning on a toy set, and shuffle BN on one device and across two gloo processe
 
 from __future__ import annotations
 
-import copy
 import datetime
 from itertools import chain
 from pathlib import Path
@@ -19,7 +18,6 @@ import corex_kornia
 import corex_moco
 from corex.interfaces import Encoder, Objective
 from corex_moco import MoCo
-from corex_moco.split_bn import splittable_batch_norms, sub_batch_norm
 
 
 class TinyEncoder(nn.Module):
@@ -238,139 +236,16 @@ def test_split_bn_normalises_each_key_with_a_random_sub_batch_and_unshuffles():
         torch.testing.assert_close(moco.encode_keys(x), plain_keys(moco, x))
 
 
-def encoder_calls(moco: MoCo) -> dict[str, list[int]]:
-    """The batch size of every call of the query and the key encoder."""
+def test_both_views_are_encoded_in_sub_batches():
+    moco = make_moco(batch_size=8, queue_size=8, bn_splits=4)
     sizes: dict[str, list[int]] = {"query": [], "key": []}
     moco.encoder.register_forward_pre_hook(lambda _, args: sizes["query"].append(len(args[0])))
     moco.key_encoder.register_forward_pre_hook(lambda _, args: sizes["key"].append(len(args[0])))
-    return sizes
-
-
-def sub_batch_reference(encoder: nn.Module, projector: nn.Module, x: Tensor, splits: int, order: Tensor) -> Tensor:
-    """The plain formulation: the sub-batches x[order].tensor_split(splits) one after another,
-    then back to x's order."""
-    chunks = x[order].tensor_split(splits)
-    out = F.normalize(torch.cat([projector(encoder(chunk)[-1]) for chunk in chunks]), dim=1)
-    return out[torch.argsort(order)]
-
-
-def assert_same_state(a: nn.Module, b: nn.Module) -> None:
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        torch.testing.assert_close(x, y, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.parametrize("momentum", [0.1, None])  # None: nn.BatchNorm's cumulative average
-def test_one_pass_split_bn_equals_encoding_the_sub_batches_one_by_one(momentum):
-    torch.manual_seed(0)
-    moco = make_moco(batch_size=8, queue_size=8, bn_splits=4)
-    perturb_queries(moco)
-    for layer in moco.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            layer.momentum = momentum
-    reference = copy.deepcopy(moco)
-    x = images(8, 1)
-    sizes = encoder_calls(moco)
-
-    # Queries: sub-batches in order; outputs, running statistics and gradients as one by one.
-    weights = torch.randn(8, 8)
-    got = moco._project("query", x, 4)
-    want = sub_batch_reference(reference.encoder, reference.projector, x, 4, torch.arange(8))
-    torch.testing.assert_close(got, want)
-    (got * weights).sum().backward()
-    (want * weights).sum().backward()
-    for p, q in zip(query_parameters(moco), query_parameters(reference), strict=True):
-        torch.testing.assert_close(p.grad, q.grad)
-
-    # Keys: a random permutation split into sub-batches, un-shuffled.
-    torch.manual_seed(5)
-    got = moco.encode_keys(x)
-    torch.manual_seed(5)
-    want = sub_batch_reference(reference.key_encoder, reference.key_projector, x, 4, torch.randperm(8))
-    torch.testing.assert_close(got, want)
-
-    assert_same_state(moco, reference)  # running statistics updated once per sub-batch
-    assert sizes == {"query": [8], "key": [8]}  # one pass per view
-    assert (got - plain_keys(reference, x)).abs().max() > 1e-3  # the split did change the keys
-
-
-class Scale(nn.Module):
-    """A layer from outside torch.nn with a parameter: corex cannot tell whether it mixes samples."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(torch.ones(()))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gain
-
-
-def test_an_encoder_with_unknown_layers_is_encoded_sub_batch_by_sub_batch():
-    torch.manual_seed(0)
-    moco = make_moco(batch_size=8, queue_size=8, bn_splits=4)
-    moco.encoder.stem.append(Scale())
-    moco.key_encoder.stem.append(Scale())
-    moco._lookups = None  # the layers changed after construction
-    reference = copy.deepcopy(moco)
-    sizes = encoder_calls(moco)
-    x = images(8, 1)
-    torch.testing.assert_close(
-        moco._project("query", x, 4),
-        sub_batch_reference(reference.encoder, reference.projector, x, 4, torch.arange(8)),
-    )
-    moco.encode_keys(x)
+    moco({"image": images(8, 1)}, identity)
     assert sizes == {"query": [2, 2, 2, 2], "key": [2, 2, 2, 2]}
 
 
-def test_splittable_batch_norms_finds_the_layers_or_refuses():
-    encoder = TinyEncoder()
-    assert splittable_batch_norms(encoder) == [encoder.stem[1], encoder.down[1]]
-    assert splittable_batch_norms(nn.Sequential(nn.Conv2d(1, 1, 1), nn.GroupNorm(1, 1))) == []
-    holder = nn.Module()  # how corex_keras registers keras variables: its layers are invisible
-    holder.register_parameter("gamma", nn.Parameter(torch.ones(3)))
-    for unknown in (Scale(), holder, nn.SyncBatchNorm(3), nn.InstanceNorm2d(3, track_running_stats=True)):
-        assert splittable_batch_norms(nn.Sequential(nn.Conv2d(1, 3, 1), unknown)) is None, unknown
-
-
-@pytest.mark.parametrize(
-    "make_layer",
-    [
-        lambda: nn.BatchNorm2d(3),
-        lambda: nn.BatchNorm2d(3, affine=False),
-        lambda: nn.BatchNorm2d(3, track_running_stats=False),
-        lambda: nn.BatchNorm1d(3, momentum=None),
-        lambda: nn.BatchNorm1d(3).eval(),
-    ],
-    ids=["bn2d", "no-affine", "no-running-stats", "bn1d-cumulative", "eval"],
-)
-def test_sub_batch_norm_equals_one_call_per_strided_sub_batch(make_layer):
-    torch.manual_seed(0)
-    layer = make_layer()
-    with torch.no_grad():
-        if layer.weight is not None:
-            layer.weight.uniform_(0.5, 2.0)
-            layer.bias.uniform_(-1.0, 1.0)
-        if layer.running_mean is not None:
-            layer.running_mean.uniform_(-1.0, 1.0)
-    reference = copy.deepcopy(layer)
-    shape = (6, 3, 4, 4) if isinstance(layer, nn.BatchNorm2d) else (6, 3)
-    x = (torch.randn(shape) * 3 + 1).requires_grad_(True)
-    x_ref = x.detach().clone().requires_grad_(True)
-
-    with sub_batch_norm([layer], 2):
-        got = layer(x)
-    assert "forward" not in layer.__dict__  # the class's forward is back
-    want = torch.empty_like(got)
-    for k in range(2):  # sub-batch k is samples k, k + 2, k + 4
-        want[k::2] = reference(x_ref[k::2])
-    torch.testing.assert_close(got, want)
-    weights = torch.randn(shape)
-    (got * weights).sum().backward()
-    (want * weights).sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    if layer.weight is not None:
-        torch.testing.assert_close(layer.weight.grad, reference.weight.grad)
-        torch.testing.assert_close(layer.bias.grad, reference.bias.grad)
-    assert_same_state(layer, reference)
+# -- step cost: cheaper formulations that compute the same ------------------------------------------
 
 
 def test_foreach_momentum_update_equals_the_per_parameter_loop():

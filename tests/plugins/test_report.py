@@ -9,21 +9,21 @@ import re
 from pathlib import Path
 
 import pytest
+from corex_study import write_report
+from corex_study.findings import READY_RECALL
 from sklearn.metrics import confusion_matrix
 
 import corex
 from corex.errors import CorexError
-from corex_study import write_report
-from corex_study.findings import READY_RECALL
 
 CLASSES = ["negative", "typical", "indeterminate", "atypical"]
 
 
 def check_self_contained(html: str) -> int:
     """No external URL anywhere; every image is an embedded PNG. Returns the number of images."""
-    assert not re.search(r"(src|href)\s*=\s*[\"']?\s*(https?:)?//", html, flags=re.I)
+    assert not re.search(r"(src|href)\s*=\s*[\"']?\s*(https?:)?//", html, flags=re.IGNORECASE)
     assert "http://" not in html and "https://" not in html
-    assert not re.search(r"<(script|link|iframe)\b", html, flags=re.I)
+    assert not re.search(r"<(script|link|iframe)\b", html, flags=re.IGNORECASE)
     sources = re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", html)
     assert len(sources) == len(re.findall(r"<img\b", html))
     for source in sources:

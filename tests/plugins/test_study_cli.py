@@ -5,15 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
+from corex_study.study import plan
 
 import corex
 from corex.plugins import register
 from corex.testing import tiny_recipe_dict
-from corex_study.study import plan
 
 
 def tiny_arm(name: str, heads: list[str]) -> dict:
