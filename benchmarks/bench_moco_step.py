@@ -12,7 +12,8 @@ Both steps see the same batches (random images with a mask and labels, as the ph
 gives them; cost does not depend on the pixel values). After warm-up they are timed alternately,
 ``steps`` steps at a time, for ``rounds`` rounds (the order flipped every round), because the
 machine may be shared: the figures are medians over rounds, and the ratio is the median of each
-round's paired ratio. The load average is printed before and after.
+round's paired ratio; the ratio of the fastest rounds and the process CPU-time ratio are printed
+too, as checks on a loaded machine. The load average is printed before and after.
 
 The arithmetic ratio counts FLOPs with torch.utils.flop_counter.FlopCounterMode over one whole
 step of each (forward, backward and optimizer step): it counts matrix products and convolutions
@@ -181,6 +182,7 @@ def main() -> None:
               f"{statistics.median(cpu_ms[name]):>13.1f}{flops[name] / 1e9:>12.3f}")
     print()
     print(f"measured time ratio moco/supervised   {measured:.3f}  (per-round {min(ratios):.3f}-{max(ratios):.3f})")
+    print(f"ratio of the fastest rounds           {max(rates['supervised']) / max(rates['moco']):.3f}  (least disturbed by other processes)")
     print(f"CPU-time ratio (all threads)          {statistics.median(cpu_ratios):.3f}  (robust to other processes' load with --threads 1)")
     print(f"arithmetic ratio (conv+matmul FLOPs)  {arithmetic:.3f}")
     print(f"measured / arithmetic                 {measured / arithmetic:.3f}")

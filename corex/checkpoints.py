@@ -71,8 +71,11 @@ def _is_state_dict(value: Any) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The gist of a torch error: its first sentence (torch appends paragraphs of advice)."""
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    first = text[0] if text else type(exc).__name__
+    cut = first.find(". ")
+    return (first[:cut] if 0 < cut < 160 else first[:160]).rstrip(".")
 
 
 __all__ = ["load_checkpoint", "load_file", "load_state"]

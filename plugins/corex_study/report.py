@@ -53,7 +53,7 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #cc
 ul.findings li { margin: 0.35em 0; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
+th:first-child, td:first-child, td.text { text-align: left; }
 th { background: #f0f0f3; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { color: #444; font-size: 0.9em; margin-top: 0.3em; }
@@ -70,6 +70,13 @@ def _fmt(value: Any) -> str:
             return "–"
         return f"{value:.0f}" if value.is_integer() and abs(value) >= 10 else f"{value:.3f}"
     return str(value)
+
+
+def _cell(value: Any) -> str:
+    """A table cell: numbers right-aligned (the default), words left-aligned."""
+    text = _fmt(value)
+    wordy = isinstance(value, str) and re.search(r"[a-zA-Z]{3}", text)
+    return f'<td class="text">{html.escape(text)}</td>' if wordy else f"<td>{html.escape(text)}</td>"
 
 
 class Document:
@@ -95,7 +102,7 @@ class Document:
 
     def table(self, header: list[str], rows: list[list[Any]]) -> None:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+        body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
         self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         self.md += ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
         self.md += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows] + [""]
@@ -235,8 +242,10 @@ def write_study_report(study_dir: str | Path, comparison: dict[str, Any]) -> dic
     doc = Document(f"Study report: test {comparison['metric']} across arms")
     doc.heading("Findings")
     if comparison["differences"]:
-        summary = (f"{len(detected)} of {len(comparison['differences'])} paired differences against {comparison['baseline']} "
-                   "are detectable after Holm correction; the others show no detectable difference at this size.")
+        total = len(comparison["differences"])
+        summary = (f"{len(detected)} of {total} paired differences against {comparison['baseline']} "
+                   f"{'is' if len(detected) == 1 else 'are'} detectable after Holm correction"
+                   + ("; the others show no detectable difference at this size." if len(detected) < total else "."))
         doc.paragraph(summary, "verdict")
     doc.paragraph("A difference counts as detected only when every paired 95% interval (by seed, and by test study where "
                   "predictions allow) excludes 0 and its Holm-adjusted p-value is below 0.05.", "rule")

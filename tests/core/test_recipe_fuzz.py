@@ -116,6 +116,9 @@ BAD_VALUES = {
     "stages.train.batch_size": bad_int(1, 2**20).filter(lambda v: v is not None),  # null: inherit
     "stages.train.grad_clip": bad_float(0, low_ok=False).filter(lambda v: v is not None),  # null: off
     "stages.train.max_steps_per_epoch": bad_int(1).filter(lambda v: v is not None),
+    "stages.train.checkpoint_every": bad_int(1).filter(lambda v: v is not None),
+    "stages.train.ema": bad_float(0, 1, low_ok=False, high_ok=False).filter(lambda v: v is not None),
+    "data.reduce_val": not_a_bool,
     "stages.train.amp": not_one_of("auto", "off", "bf16", "fp16"),
     "stages.train.freeze": not_a_bool,
     "stages.train.heads.segmentation.weight": bad_float(0),
@@ -224,3 +227,17 @@ KNOWN_KEYS = {
     "kind", "epochs", "heads", "objective", "augment", "evaluators", "split", "encoder_from", "freeze", "select",
     "grad_clip", "amp", "max_steps_per_epoch", "width", "in_channels", "weights", "options",
 }
+
+
+@settings(max_examples=100, **FUZZ)
+@given(data=st.data())
+def test_run_refuses_a_bad_set_value_before_it_writes_anything(recipe_file, tmp_path, data):
+    key = data.draw(st.sampled_from(sorted(BAD_VALUES)), label="key")
+    value = data.draw(BAD_VALUES[key], label="value")
+    out = tmp_path / "never"
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(["run", str(recipe_file), "--out", str(out), "--set", f"{key}={as_yaml(value)}"])
+    assert code == 2, err.getvalue()
+    assert "Traceback" not in err.getvalue() and key in err.getvalue()
+    assert not out.exists()
