@@ -76,6 +76,12 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def _plural(unit: str) -> str:
+    if unit.endswith("y"):
+        return unit[:-1] + "ies"
+    return unit + ("es" if unit.endswith(("s", "ch", "sh", "x")) else "s")
+
+
 class Progress:
     """A bar or a stream of plain lines for ``total`` steps (``total`` may be unknown: None)."""
 
@@ -137,9 +143,9 @@ class Progress:
     def line(self) -> str:
         """The plain progress line: ``train 1/3: 40/120 steps (33%)  212 img/s  eta 0:31  loss 0.41``."""
         if self.total:
-            count = f"{self.done}/{self.total} {self.unit}s ({100 * self.done / self.total:.0f}%)"
+            count = f"{self.done}/{self.total} {_plural(self.unit)} ({100 * self.done / self.total:.0f}%)"
         else:
-            count = f"{self.done} {self.unit}s"
+            count = f"{self.done} {_plural(self.unit)}"
         parts = [f"{self.desc}: {count}", f"{self.rate:.1f} {self.unit}/s"]
         if self.total:
             parts.append(f"eta {format_duration(self.eta)}")
