@@ -15,6 +15,7 @@ from pathlib import Path
 from corex import __version__
 from corex.errors import CorexError
 
+
 def _shipped_recipes() -> Path:
     """The recipes installed as the package data ``corex.recipes`` (the repository's recipes/)."""
     try:
@@ -101,9 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=cmd_data_info)
     data.set_defaults(handler=lambda args: _usage(data))
 
-    from corex.plugins import get_plugin_manager
-
-    from corex.plugins import call_each
+    from corex.plugins import call_each, get_plugin_manager
 
     call_each(get_plugin_manager(), "corex_cli", commands=commands, data_commands=data_commands)
     return parser
@@ -181,10 +180,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     recipe = _load(args)
     if args.build:
-        from corex.engine import build_data, check_components
+        from corex.engine import build_data, build_stage_data, check_components
 
-        source = build_data(recipe)
-        check_components(recipe, source, Registry())
+        registry = Registry()
+        source = build_data(recipe, registry)
+        check_components(recipe, source, registry, build_stage_data(recipe, source, registry))
     stages = ", ".join(f"{s.name} ({s.kind})" for s in recipe.stages.values())
     checked = "components built, encoder checked on a forward pass" if args.build else "schema only (--no-build)"
     print(f"{args.recipe}: valid ({checked}); stages: {stages}")
@@ -222,13 +222,18 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    """Build the cache of the recipe's data and of every stage's own data."""
     from corex.engine import build_data
+    from corex.plugins import Registry
 
-    source = build_data(_load(args))
-    if hasattr(source, "prepare"):
-        source.prepare()
-    else:
-        print("this data set has nothing to prepare", file=sys.stderr)
+    recipe, registry = _load(args), Registry()
+    blocks = [("data", None)] + [(f"stages.{s.name}.data", s) for s in recipe.stages.values() if s.data is not None]
+    for where, stage in blocks:
+        source = build_data(recipe, registry, stage)
+        if hasattr(source, "prepare"):
+            source.prepare()
+        else:
+            print(f"{where}: this data set has nothing to prepare", file=sys.stderr)
     return 0
 
 

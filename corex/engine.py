@@ -120,20 +120,41 @@ class _StandInEncoder(nn.Module):
         return features
 
 
-def build_data(recipe: Recipe, registry: Registry | None = None):
-    """The recipe's :class:`~corex.interfaces.DataSource`."""
+def build_data(recipe: Recipe, registry: Registry | None = None, stage: Stage | None = None):
+    """The recipe's :class:`~corex.interfaces.DataSource`, or the one of ``stage`` when it names its own."""
     registry = registry or Registry()
-    data = recipe.data
+    data = recipe.data if stage is None else recipe.stage_data(stage)
+    path = "data" if stage is None or stage.data is None else f"stages.{stage.name}.data"
     cache_dir = (data.cache_dir or DEFAULT_CACHE).expanduser()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        key = "data.cache_dir" if data.cache_dir else "the default cache (set data.cache_dir or COREX_CACHE)"
+        key = f"{path}.cache_dir" if data.cache_dir else "the default cache (set data.cache_dir or COREX_CACHE)"
         raise CorexError(f"{key}: cannot create '{cache_dir}': {exc.strerror or exc}") from exc
     return build_component(
-        registry, "datasets", Component(data.name, data.options), "data",
+        registry, "datasets", Component(data.name, data.options), path,
         image_size=data.image_size, seed=recipe.seed, cache_dir=cache_dir,
     )
+
+
+def build_stage_data(recipe: Recipe, source: Any, registry: Registry) -> dict[str, Any]:
+    """The data source of every stage that names its own, by stage name. A stage that trains or
+    evaluates heads must see the model's classes."""
+    sources, problems = {}, []
+    for stage in recipe.stages.values():
+        if stage.data is None:
+            continue
+        try:
+            sources[stage.name] = build_data(recipe, registry, stage)
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+            continue
+        if stage.kind != "pretrain" and list(sources[stage.name].class_names) != list(source.class_names):
+            problems.append(f"stages.{stage.name}.data: its classes {list(sources[stage.name].class_names)} are not the model's "
+                            f"{list(source.class_names)} (from data)")
+    if problems:
+        raise RecipeError(problems, source=recipe.source)
+    return sources
 
 
 def build_model(recipe: Recipe, num_classes: int, registry: Registry | None = None) -> CorexModel:
@@ -179,7 +200,7 @@ def build_augment(stage: Stage, registry: Registry) -> Callable[[dict], dict]:
     return build_component(registry, "augmentations", stage.augment, f"stages.{stage.name}.augment")
 
 
-def check_components(recipe: Recipe, source: Any, registry: Registry) -> CorexModel:
+def check_components(recipe: Recipe, source: Any, registry: Registry, stage_sources: Mapping[str, Any] | None = None) -> CorexModel:
     """Build the model and, once, every stage's augmentation, evaluators and objective, so that the
     plugins' own checks (a Kornia op that does not exist, a queue size that does not divide the
     batch) and the contract's (a member missing, a pyramid that is not what it declares) are all
@@ -191,7 +212,7 @@ def check_components(recipe: Recipe, source: Any, registry: Registry) -> CorexMo
         with contextlib.suppress(KeyError):  # unknown names were reported when the recipe loaded
             registered = registry.get(kind, component.name)
             label = component_label(kind, component.name, registered.plugin)
-            problems.extend(contract.factory_problems(registered.factory, INJECTED[kind], label, path if kind != "datasets" else "data"))
+            problems.extend(contract.factory_problems(registered.factory, INJECTED[kind], label, path))
     class_names = list(source.class_names)
     encoder, encoder_problems = None, []
     try:
@@ -207,13 +228,12 @@ def check_components(recipe: Recipe, source: Any, registry: Registry) -> CorexMo
         heads = build_heads(recipe, usable, len(class_names), registry)
     except RecipeError as exc:
         problems.extend(exc.problems)
-    train_size = None
+    stage_sources = stage_sources or {}
     for stage in recipe.stages.values():
         builders = [lambda: build_augment(stage, registry), lambda: build_evaluators(stage, class_names, registry)]
         if stage.objective is not None:
             def build_objective(stage: Stage = stage) -> None:
-                nonlocal train_size
-                train_size = len(source.split("train")) if train_size is None else train_size
+                train_size = len(stage_sources.get(stage.name, source).split("train"))
                 path = f"stages.{stage.name}.objective"
                 objective = build_component(registry, "objectives", stage.objective, path, **objective_arguments(recipe, stage, usable, train_size))
                 label = component_label("objectives", stage.objective.name, registry.get("objectives", stage.objective.name).plugin)
@@ -467,7 +487,8 @@ class Runner:
         seed_everything(self.recipe.seed, self.recipe.deterministic)
         self.source = build_data(self.recipe, self.registry)
         self.class_names = list(self.source.class_names)
-        self.model = check_components(self.recipe, self.source, self.registry)
+        self.stage_sources = build_stage_data(self.recipe, self.source, self.registry)
+        self.model = check_components(self.recipe, self.source, self.registry, self.stage_sources)
         self.model.to(self.device)
         if self.recipe.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -638,16 +659,18 @@ class Runner:
                 names = ", ".join(e.name for e in stage.evaluators)
                 log(f"  {stage.name:12s} evaluate  on {stage.split}: {names}")
                 continue
-            fraction = 1.0 if stage.kind == "pretrain" else self.recipe.data.label_fraction
+            fraction = 1.0 if stage.kind == "pretrain" else self.recipe.stage_data(stage).label_fraction
             steps = self._steps_per_epoch(stage, fraction)
             self._plan[stage.name] = steps * stage.epochs
             what = stage.objective.name if stage.objective is not None else " + ".join(stage.heads)
             extra = f", {fraction:.0%} of the labels" if fraction < 1 else ""
+            if stage.data is not None:
+                extra += f", on data '{stage.data.name}'"
             log(f"  {stage.name:12s} {stage.kind:9s} {what}: {stage.epochs} epochs x {steps} steps, "
                 f"global batch {self.recipe.stage_batch_size(stage)}{extra}")
 
     def _steps_per_epoch(self, stage: Stage, label_fraction: float) -> int:
-        images = len(self.source.split("train", label_fraction=label_fraction))
+        images = len(self._source(stage).split("train", label_fraction=label_fraction))
         batch = self.recipe.stage_batch_size(stage)
         steps = images // batch if images >= batch else 1
         return steps if stage.max_steps_per_epoch is None else min(steps, stage.max_steps_per_epoch)
@@ -659,24 +682,34 @@ class Runner:
         remaining = max(0, sum(self._plan.values()) - self._steps_done)
         return f"run eta {format_duration(remaining * self._train_seconds / self._steps_done)}"
 
+    def _source(self, stage: Stage) -> Any:
+        return self.stage_sources.get(stage.name, self.source)
+
     def _write_data_report(self) -> None:
         # Decode (or find cached) every image now: a file that only fails when decoded is
         # reported before training, and listed in skipped.json under on_bad_sample: skip.
-        if hasattr(self.source, "prepare"):
-            self.source.prepare()
-        description = dict(self.source.describe())
+        description = self._describe(self.source, "data")
         description["class_names"] = list(self.source.class_names)
-        if getattr(self.source, "normalization", None) is not None:
-            description["normalization"] = self.source.normalization
+        if self.stage_sources:
+            description["stages"] = {name: self._describe(source, f"stages.{name}.data") for name, source in self.stage_sources.items()}
         rundir.write_json(self.out / "data.json", description)
-        skipped = self.source.skipped()
+        skipped = [*self.source.skipped(), *(item for source in self.stage_sources.values() for item in source.skipped())]
         if skipped:
             rundir.write_json(self.out / "skipped.json", skipped)
             log(f"data: skipped {len(skipped)} bad samples (on_bad_sample: skip); the list is in {self.out / 'skipped.json'}")
+
+    def _describe(self, source: Any, where: str) -> dict[str, Any]:
+        if hasattr(source, "prepare"):
+            source.prepare()
+        description = dict(source.describe())
+        if getattr(source, "normalization", None) is not None:
+            description["normalization"] = source.normalization
+        label = "data" if where == "data" else f"data of {where.split('.')[1]}"
         for split, info in description.items():
             if isinstance(info, Mapping) and "classes" in info:
                 counts = ", ".join(f"{k} {v}" for k, v in info["classes"].items())
-                log(f"data: {split:5s} {info.get('studies', '?')} studies, {info.get('images', '?')} images ({counts})")
+                log(f"{label}: {split:5s} {info.get('studies', '?')} studies, {info.get('images', '?')} images ({counts})")
+        return description
 
     def _load_model(self, path: Path, where: str) -> dict[str, Any]:
         payload = checkpoints.load_checkpoint(path, where, map_location=self.device)
@@ -686,17 +719,18 @@ class Runner:
     # Stages --------------------------------------------------------------------------------
 
     def _loader(self, split: str, stage: Stage, *, shuffle: bool, label_fraction: float = 1.0, epoch: int = 0, start_batch: int = 0) -> DataLoader:
-        dataset = self.source.split(split, label_fraction=label_fraction)
+        dataset = self._source(stage).split(split, label_fraction=label_fraction)
         if len(dataset) == 0:
-            raise CorexError(f"stages.{stage.name}: the '{split}' split is empty")
+            raise CorexError(f"stages.{stage.name}: the '{split}' split of data '{self.recipe.stage_data(stage).name}' is empty")
         return make_loader(
             dataset, self.recipe.stage_batch_size(stage), shuffle=shuffle,
-            seed=stage_seed(self.recipe.seed, stage.name, epoch), num_workers=self.recipe.data.num_workers, device=self.device,
+            seed=stage_seed(self.recipe.seed, stage.name, epoch), num_workers=self.recipe.stage_data(stage).num_workers, device=self.device,
             start_batch=start_batch,
         )
 
-    def _val_fraction(self) -> float:
-        return self.recipe.data.label_fraction if self.recipe.data.reduce_val else 1.0
+    def _val_fraction(self, stage: Stage) -> float:
+        data = self.recipe.stage_data(stage)
+        return data.label_fraction if data.reduce_val else 1.0
 
     def _start_encoder(self, stage: Stage) -> None:
         source = stage.encoder_from
@@ -717,7 +751,7 @@ class Runner:
         pretrain = stage.kind == "pretrain"
         heads = list(stage.heads)
         augment = build_augment(stage, self.registry)
-        label_fraction = 1.0 if pretrain else recipe.data.label_fraction
+        label_fraction = 1.0 if pretrain else recipe.stage_data(stage).label_fraction
         train_loader = self._loader("train", stage, shuffle=True, label_fraction=label_fraction)
         # Transfer first: an objective may copy the encoder when built (MoCo's key encoder).
         self._start_encoder(stage)
@@ -738,7 +772,7 @@ class Runner:
         schedule = make_schedule(optimizer, recipe.stage_schedule(stage), steps, stage.epochs)
         dtype = autocast_dtype(stage, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-        val_loader = None if pretrain else self._loader("val", stage, shuffle=False, label_fraction=self._val_fraction())
+        val_loader = None if pretrain else self._loader("val", stage, shuffle=False, label_fraction=self._val_fraction(stage))
         ema = None
         if stage.ema is not None:  # torch's own averaging; batch-norm statistics are averaged too
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -845,7 +879,7 @@ class Runner:
             if step >= loop.steps:
                 break
             if not loop.checked:
-                check_intensities(batch, f"stages.{stage.name}: data '{recipe.data.name}', split 'train'")
+                check_intensities(batch, f"stages.{stage.name}: data '{recipe.stage_data(stage).name}', split 'train'")
                 loop.checked = True
             batch = to_device(batch, device, recipe.model.channels_last)
             if loop.objective is not None and fixed_batch is None:
@@ -971,7 +1005,7 @@ class Runner:
         self._start_encoder(stage)
         evaluators = build_evaluators(stage, self.class_names, self.registry)
         metrics, intervals = evaluate_split(
-            self.model, self.source, self.recipe, stage, evaluators, self.device, weights=self._head_weights(stage),
+            self.model, self._source(stage), self.recipe, stage, evaluators, self.device, weights=self._head_weights(stage),
             artefacts=self.out / stage.name, desc=None if self.progress_off else f"[{stage.name}] evaluate {stage.split}",
         )
         line = "  ".join(f"{k} {format_metric(k, v)}" for k, v in metrics.items() if "/" not in k)
@@ -1061,13 +1095,14 @@ def evaluate_split(model: CorexModel, source: Any, recipe: Recipe, stage: Stage,
     def loader(name: str, label_fraction: float = 1.0) -> DataLoader:
         dataset = source.split(name, label_fraction=label_fraction)
         if len(dataset) == 0:
-            raise CorexError(f"{where}: the '{name}' split of data '{recipe.data.name}' is empty")
+            raise CorexError(f"{where}: the '{name}' split of data '{recipe.stage_data(stage).name}' is empty")
         return make_loader(dataset, recipe.stage_batch_size(stage), shuffle=False, seed=stage_seed(recipe.seed, stage.name, 0),
-                           num_workers=recipe.data.num_workers, device=device)
+                           num_workers=recipe.stage_data(stage).num_workers, device=device)
 
     calibrated = [(path, e) for path, e in evaluators if hasattr(e, "calibration_update")]
     if calibrated and split != "val":
-        fraction = recipe.data.label_fraction if recipe.data.reduce_val else 1.0
+        data = recipe.stage_data(stage)
+        fraction = data.label_fraction if data.reduce_val else 1.0
         feed_calibration(model, loader("val", fraction), heads, calibrated, device, amp=amp, channels_last=channels_last, where=where)
     return evaluate_loader(model, loader(split), heads, evaluators, device, weights=weights, amp=amp, channels_last=channels_last,
                            artefacts=artefacts, where=where, desc=desc)

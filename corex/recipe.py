@@ -36,13 +36,13 @@ INJECTED: dict[str, tuple[str, ...]] = {
 }
 
 StageKind = Literal["train", "pretrain", "evaluate"]
-_TRAINING_KEYS = ("kind", "epochs", "batch_size", "optimizer", "schedule", "augment", "encoder_from", "grad_clip", "amp", "max_steps_per_epoch",
-                  "checkpoint_every")
+_TRAINING_KEYS = ("kind", "data", "epochs", "batch_size", "optimizer", "schedule", "augment", "encoder_from", "grad_clip", "amp",
+                  "max_steps_per_epoch", "checkpoint_every")
 # The stage keys that mean something for each kind of stage (the resolved recipe shows only these).
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "train": (*_TRAINING_KEYS, "heads", "evaluators", "freeze", "select", "ema"),
     "pretrain": (*_TRAINING_KEYS, "objective"),
-    "evaluate": ("kind", "batch_size", "evaluators", "split", "encoder_from", "amp"),
+    "evaluate": ("kind", "data", "batch_size", "evaluators", "split", "encoder_from", "amp"),
 }
 
 # libyaml's safe loader where PyYAML has it: the same YAML, read several times faster.
@@ -206,6 +206,8 @@ class Stage:
     grad_clip: float | None = checked(None, POSITIVE)  # None: no clipping
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     max_steps_per_epoch: int | None = checked(None, AT_LEAST_ONE)
+    # This stage's own data source (e.g. pre-training on an unlabelled corpus); None: the recipe's.
+    data: Data | None = None
     # Also write last.pt every N optimisation steps, for epochs too long to lose (None: epoch ends only).
     checkpoint_every: int | None = checked(None, AT_LEAST_ONE)
     # Exponential moving average of the weights with this decay (e.g. 0.999), used for validation and
@@ -248,8 +250,12 @@ class Recipe:
     def stage_schedule(self, stage: Stage) -> Schedule:
         return stage.schedule or self.schedule
 
+    def stage_data(self, stage: Stage) -> Data:
+        """The data a stage reads: its own ``data``, else the recipe's."""
+        return stage.data if stage.data is not None else self.data
+
     def stage_batch_size(self, stage: Stage) -> int:
-        return self.data.batch_size if stage.batch_size is None else stage.batch_size
+        return self.stage_data(stage).batch_size if stage.batch_size is None else stage.batch_size
 
     def resolved(self, default_cache: Path) -> dict[str, Any]:
         """The recipe as a run uses it: each stage's inherited optimizer, schedule and batch size
@@ -260,6 +266,8 @@ class Recipe:
         for name, stage in self.stages.items():
             entry = data["stages"][name]
             entry["batch_size"] = self.stage_batch_size(stage)
+            if stage.data is not None:
+                entry["data"]["cache_dir"] = str(Path(stage.data.cache_dir or default_cache).expanduser())
             if stage.kind != "evaluate":
                 entry["optimizer"] = _unstructure(self.stage_optimizer(stage))
                 entry["schedule"] = _unstructure(self.stage_schedule(stage))
@@ -548,6 +556,8 @@ def iter_components(recipe: Recipe):
         yield "encoders", "model.encoder", recipe.model.encoder
     for stage in recipe.stages.values():
         base = f"stages.{stage.name}"
+        if stage.data is not None:
+            yield "datasets", f"{base}.data", Component(stage.data.name, stage.data.options)
         for head_name, head in stage.heads.items():
             yield "heads", f"{base}.heads.{head_name}", head.component
         if stage.objective is not None:
@@ -563,10 +573,11 @@ def _bind_components(recipe: Recipe, registry: Registry, problems: Problems) -> 
         try:
             registered = registry.get(kind, component.name)
         except KeyError as exc:
-            problems.add(path if kind != "datasets" else "data.name", exc.args[0])
+            problems.add(path if kind != "datasets" else f"{path}.name", exc.args[0])
             continue
-        where = path if kind != "datasets" else "data"
-        component.options = bind_options(registered.factory, component.options, where, problems, injected=INJECTED[kind])
+        bound = bind_options(registered.factory, component.options, path, problems, injected=INJECTED[kind])
+        component.options.clear()  # in place: a data block's Component shares its options dict
+        component.options.update(bound)
 
 
 def _cross_check(recipe: Recipe, problems: Problems) -> None:

@@ -1,4 +1,8 @@
-"""A folder of PNG, JPEG or DICOM images with a CSV of labels (``data: folder``).
+"""A folder of PNG, JPEG or DICOM images with a CSV of labels (``data: folder``), or without one.
+
+Without ``csv`` every image under ``root`` (searched recursively: .png, .jpg, .jpeg, .dcm) is one
+unlabelled study of its own: a corpus for self-supervised pre-training (set ``val_fraction: 0`` and
+``test_fraction: 0`` to pre-train on all of it).
 
 One CSV row per image, or several when each row carries one box::
 
@@ -38,7 +42,7 @@ class FolderSource(CxrSource):
         self,
         *,
         root: Path,
-        csv: Path,
+        csv: Path | None = None,
         image_size: int,
         seed: int = 0,
         cache_dir: Path,
@@ -59,8 +63,8 @@ class FolderSource(CxrSource):
         root = Path(root).expanduser()
         if not root.is_dir():
             raise ValueError(f"root {str(root)!r} is not a directory.")
-        csv_path = Path(csv).expanduser()
-        if not csv_path.is_absolute() and (root / csv_path).is_file():
+        csv_path = Path(csv).expanduser() if csv is not None else None
+        if csv_path is not None and not csv_path.is_absolute() and (root / csv_path).is_file():
             csv_path = root / csv_path
         class_names = tuple(classes) if classes is not None else CLASS_NAMES
         if not class_names or len(set(class_names)) != len(class_names):
@@ -78,7 +82,7 @@ class FolderSource(CxrSource):
         }
         super().__init__(
             name="folder",
-            location=csv_path,
+            location=csv_path or root,
             image_size=image_size,
             seed=seed,
             cache_dir=cache_dir,
@@ -90,7 +94,25 @@ class FolderSource(CxrSource):
             workers=workers,
             class_names=class_names,
         )
-        self._accept(*scan_folder(root, csv_path, columns, box_columns, class_names))
+        if csv_path is None:
+            self._accept(*unlabelled_images(root))
+        else:
+            self._accept(*scan_folder(root, csv_path, columns, box_columns, class_names))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
+
+
+def unlabelled_images(root: Path) -> tuple[list[Sample], list[dict[str, Any]]]:
+    """Every image file under ``root`` as an unlabelled study of its own; no pixel is read."""
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise ValueError(f"root {str(root)!r} holds no .png, .jpg, .jpeg or .dcm file (searched recursively).")
+    samples = []
+    for path in paths:
+        image_id = path.relative_to(root).as_posix()
+        samples.append(Sample(image_id, image_id, image_id, path, UNLABELLED, False, ()))
+    return samples, []
 
 
 def scan_folder(

@@ -108,8 +108,8 @@ class MoCo(nn.Module):
       or more; (3) the encoder's batch-norm running statistics are updated once per sub-batch;
       (4) bn_splits forward passes per view cost a few percent more than one (one pass with
       grouped batch-norm calls was measured no faster on a CPU at batch 16, so it was not
-      kept). The encoder itself is left
-      untouched (no layer surgery), so what transfers loads without key renaming.
+      kept). The encoder itself is left untouched (no layer surgery), so what transfers loads
+      without key renaming.
       ``bn_splits=1`` or ``shuffle_bn=False`` turns it off (fine for encoders without batch norm).
 
     The key encoder and key head are deep copies of the query ones, made at construction (build
@@ -126,7 +126,7 @@ class MoCo(nn.Module):
     The views are made by two calls of the augmentation, so they are independent draws whatever the
     augmentation (one call on a doubled batch would tie them for one that draws once per batch).
     The batch's ``mask`` is not passed to it: MoCo never uses the views' masks, and warping them
-    cost as much as warping the images. The momentum update runs over parameter lists looked up
+    took close to half of each augmentation call (the images come out the same without it). The momentum update runs over parameter lists looked up
     once, and again after ``.to()`` (any ``Module._apply``); replacing a parameter object
     otherwise is not noticed.
     """

@@ -63,7 +63,7 @@ def corex_cli(commands):
                     "and test each arm against the baseline, paired by seed and by test study, Holm-corrected.",
     )
     compare.add_argument("paths", nargs="+", type=Path, metavar="RUN_OR_STUDY_DIR")
-    compare.add_argument("--baseline", help="the recipe name of the baseline arm (default: the first)")
+    compare.add_argument("--baseline", help="the recipe name of the baseline arm (default: the first in alphabetical order)")
     compare.add_argument("--metric", default="macro_f1", help="the test metric to compare (default macro_f1)")
     compare.add_argument("--out", type=Path, help="write compare.md/csv/png/json and report.html here "
                                                  "(default: the directory given, when there is one)")

@@ -1,5 +1,6 @@
 """corex_moco: momentum update, queue contents and wrap-around, validation, checkpoint round trip,
-learning on a toy set, and shuffle BN on one device and across two gloo processes."""
+learning on a toy set, shuffle BN on one device and across two gloo processes, and the cheaper
+step's equivalence with the formulation it replaced (foreach momentum update, mask-free views)."""
 
 from __future__ import annotations
 
