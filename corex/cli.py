@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
     run.add_argument("--json", action="store_true", help="print results.json on stdout (for scripts) instead of the summary table")
     run.add_argument("--no-progress", action="store_true", help="same as --progress off")
+    run.add_argument("--nproc", type=int, default=None, metavar="N",
+                     help="train with N processes on this machine (torch.distributed: gloo on CPU, nccl on GPU); "
+                          "the same as `torchrun --nproc_per_node N -m corex run ...`")
     run.set_defaults(handler=cmd_run)
 
     validate = commands.add_parser("validate", help="check a recipe without running it",
@@ -128,9 +131,31 @@ def _load(args: argparse.Namespace):
     return load_recipe(resolve_recipe_path(args.recipe), overrides=args.overrides)
 
 
+def launch_processes(nproc: int, argv: Sequence[str]) -> int:
+    """``corex run --nproc N ...``: torchrun starts N copies of ``corex run ...`` (without --nproc)."""
+    import os
+    import subprocess
+
+    if nproc < 1:
+        raise CorexError(f"--nproc: expected at least 1 process, got {nproc}")
+    rest, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--nproc":
+            skip = True
+        elif not word.startswith("--nproc="):
+            rest.append(word)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "corex", *rest]
+    print(f"corex: starting {nproc} processes: {' '.join(command[1:])}", file=sys.stderr)
+    return subprocess.call(command, env=os.environ.copy())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from corex.engine import CLI_FLAGS, default_out, run
 
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in __import__("os").environ:
+        return launch_processes(args.nproc, args.argv)
     recipe = _load(args)
     out = args.out or default_out(recipe)
     try:
@@ -261,7 +286,9 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
+        args.argv = argv
         if not getattr(args, "handler", None):
             parser.print_help(sys.stderr)
             return 2

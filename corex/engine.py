@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from corex import checkpoints, contract, rundir
+from corex import checkpoints, contract, distributed, rundir
 from corex.binding import accepted_injections
 from corex.context import RunContext
 from corex.errors import CorexError, RecipeError, RunFailure
@@ -252,28 +252,44 @@ def check_components(recipe: Recipe, source: Any, registry: Registry, stage_sour
 
 class EpochOrder(torch.utils.data.Sampler[int]):
     """One epoch's shuffled order, fixed by ``seed``, starting ``start`` samples in: a run resumed in
-    the middle of an epoch sees exactly the samples the interrupted one had still to see."""
+    the middle of an epoch sees exactly the samples the interrupted one had still to see.
 
-    def __init__(self, size: int, seed: int, start: int = 0):
+    Under torch.distributed each global batch of ``batch`` samples is cut into ``world`` equal
+    slices and rank ``rank`` takes its slice: together the ranks see the batches a single process
+    would (the ragged end that would not fill a global batch is dropped)."""
+
+    def __init__(self, size: int, seed: int, start: int = 0, *, rank: int = 0, world: int = 1, batch: int = 1):
         self.size, self.seed, self.start = size, seed, start
+        self.rank, self.world, self.batch = rank, world, batch
+
+    def _indices(self) -> list[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed))[self.start:].tolist()
+        if self.world == 1:
+            return order
+        share = self.batch // self.world
+        return [i for b in range(len(order) // self.batch) for i in order[b * self.batch + self.rank * share:][:share]]
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed))
-        return iter(order[self.start:].tolist())
+        return iter(self._indices())
 
     def __len__(self) -> int:
-        return max(0, self.size - self.start)
+        remaining = max(0, self.size - self.start)
+        return remaining if self.world == 1 else remaining // self.batch * (self.batch // self.world)
 
 
-def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, device: torch.device, start_batch: int = 0) -> DataLoader:
+def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, device: torch.device, start_batch: int = 0,
+                rank: int = 0, world: int = 1) -> DataLoader:
     """Batches in an order fixed by ``seed``; training loaders drop the ragged last batch.
-    ``start_batch`` skips that many batches of a shuffled epoch without loading them."""
-    sampler = EpochOrder(len(dataset), seed, start_batch * batch_size) if shuffle else None
+    ``start_batch`` skips that many batches of a shuffled epoch without loading them. Under
+    torch.distributed (``world`` > 1) ``batch_size`` is the global batch and this rank loads its
+    share of each."""
+    sampler = EpochOrder(len(dataset), seed, start_batch * batch_size, rank=rank, world=world, batch=batch_size) if shuffle else None
+    per_rank = batch_size // world if shuffle else batch_size
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=per_rank,
         sampler=sampler,
-        drop_last=shuffle and len(dataset) >= batch_size,
+        drop_last=shuffle and world == 1 and len(dataset) >= batch_size,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),  # the workers' seeds
         worker_init_fn=_seed_worker,
@@ -362,6 +378,12 @@ def make_schedule(optimizer: torch.optim.Optimizer, spec, steps_per_epoch: int, 
 
 
 def log(message: str) -> None:
+    """A line on stderr; under torch.distributed only rank 0 speaks, and says so."""
+    world = distributed.world_size()
+    if world > 1:
+        if not distributed.is_main():
+            return
+        message = f"[rank 0/{world}] {message}"
     print(message, file=sys.stderr, flush=True)
 
 
@@ -463,7 +485,10 @@ class Runner:
         self.progress_off = progress is False
         self.registry = registry or Registry()
         self.pm = self.registry.pm
-        self.device = resolve_device(recipe.device)
+        self.launched = distributed.launched()
+        self.device = distributed.setup(recipe.device) or resolve_device(recipe.device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.main = self.rank == 0
         self.metrics = rundir.MetricsLog(self.out / "metrics.jsonl")
         self.results: dict[str, Any] = {"recipe": recipe.name, "stages": {}}
         self.context = RunContext(recipe, self.out, self.device, self.registry)
@@ -477,24 +502,38 @@ class Runner:
 
     def run(self) -> dict[str, Any]:
         tune_allocator()
-        self._open_directory()
         try:
+            # Rank 0 alone opens (and locks) the run directory; the others learn what is done from it.
+            distributed.main_first(lambda: self._open_directory() if self.main else None)
+            self.results = distributed.broadcast(self.results)
             return self._run()
         finally:
             self.lock.release()
+            if self.launched:
+                distributed.teardown()
 
     def _run(self) -> dict[str, Any]:
         seed_everything(self.recipe.seed, self.recipe.deterministic)
-        self.source = build_data(self.recipe, self.registry)
+        # Rank 0 first: a source may write files (the phantom, the cache) that the others then reuse.
+        self.source = distributed.main_first(lambda: build_data(self.recipe, self.registry))
         self.class_names = list(self.source.class_names)
-        self.stage_sources = build_stage_data(self.recipe, self.source, self.registry)
+        self.stage_sources = distributed.main_first(lambda: build_stage_data(self.recipe, self.source, self.registry))
         self.model = check_components(self.recipe, self.source, self.registry, self.stage_sources)
+        if self.recipe.model.sync_batchnorm:
+            if self.device.type != "cuda":
+                raise CorexError(f"model.sync_batchnorm: torch's SyncBatchNorm runs only on CUDA devices, and this run is on "
+                                 f"{self.device.type}; drop it (batch norm then sees each process's share of the batch)")
+            if self.world > 1:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
         if self.recipe.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self._write_data_report()
+        if self.rank:  # the same initial model everywhere, but each rank its own augmentation draws
+            seed_everything(self.recipe.seed + 7919 * self.rank, self.recipe.deterministic)
+        distributed.main_first(self._write_data_report)
         self._announce_stages()
-        self.pm.hook.corex_run_start(run=self.context)
+        if self.main:
+            self.pm.hook.corex_run_start(run=self.context)
         done = self.results["stages"]
         for stage in self.recipe.stages.values():
             if stage.name in done:  # finished before an interruption: take its final model
@@ -504,21 +543,39 @@ class Runner:
                 payload = self._load_model(self.out / "checkpoints" / stage.name / "model.pt", where)
                 if "rng" not in payload:
                     raise CorexError(f"{where}: '{self.out / 'checkpoints' / stage.name / 'model.pt'}' is not a corex stage model (no RNG state)")
-                set_rng_state(payload["rng"])  # as if the stage had just run
+                self._set_rng(payload)  # as if the stage had just run
                 continue
             started = time.perf_counter()
             if stage.kind == "evaluate":
-                result = self.evaluate_stage(stage)
+                self._start_encoder(stage)
+                result = distributed.broadcast(self.evaluate_stage(stage) if self.main else None)  # rank 0 evaluates the whole split
             else:
                 result = self.train_stage(stage)
             result["time_s"] = round(time.perf_counter() - started, 3)
             done[stage.name] = result
-            _fault_point("before_results", stage.name)
-            rundir.write_json(self.out / "results.json", self.results)
-            self.pm.hook.corex_stage_end(run=self.context, stage=stage.name, results=result)
-        rundir.plot_curves(self.metrics.rows(), self.out / "curves.png")
-        self.pm.hook.corex_run_end(run=self.context, results=self.results)
+            if self.main:
+                _fault_point("before_results", stage.name)
+                rundir.write_json(self.out / "results.json", self.results)
+                self.pm.hook.corex_stage_end(run=self.context, stage=stage.name, results=result)
+            distributed.barrier()
+        if self.main:
+            rundir.plot_curves(self.metrics.rows(), self.out / "curves.png")
+            self.pm.hook.corex_run_end(run=self.context, results=self.results)
         return self.results
+
+    def _rng_states(self) -> dict[str, Any]:
+        """This rank's RNG state and, under torch.distributed, every rank's (gathered on all ranks)."""
+        state = rng_state()
+        return {"rng": state, "rng_ranks": distributed.gather(state), "world_size": self.world}
+
+    def _set_rng(self, payload: Mapping[str, Any]) -> None:
+        ranks = payload.get("rng_ranks")
+        if ranks and len(ranks) == self.world:
+            set_rng_state(ranks[self.rank])
+            return
+        set_rng_state(payload["rng"])
+        if self.rank:  # written by another number of processes: each rank still draws its own
+            seed_everything(self.recipe.seed + 7919 * self.rank + int(payload.get("epoch", 0)), self.recipe.deterministic)
 
     # The run directory ---------------------------------------------------------------------------
 
@@ -641,14 +698,29 @@ class Runner:
                 f"Use {self.flags['overwrite']} to start afresh, or --set stages.NAME.epochs=N with {self.flags['resume']} to extend it")
             return
         stage = remaining[0]
-        rows = [r for r in self.metrics.rows() if r.get("stage") == stage]
         if self.status != "extended":
             self.status = "resumed"
-        if rows:
-            last = rows[-1]
-            log(f"corex: resuming '{self.out}' at stage '{stage}' after epoch {last.get('epoch')} of {self.recipe.stages[stage].epochs}")
-        else:
+        where = self._checkpoint_position(self.out / "checkpoints" / stage / "last.pt")
+        if where is None:
             log(f"corex: resuming '{self.out}' at the start of stage '{stage}'" + (f" (finished: {', '.join(done)})" if done else ""))
+            return
+        epoch, step = where
+        total = self.recipe.stages[stage].epochs
+        at = f"in epoch {epoch + 1} of {total} after step {step}" if step else f"after epoch {epoch} of {total}"
+        log(f"corex: resuming '{self.out}' at stage '{stage}' {at}")
+
+    @staticmethod
+    def _checkpoint_position(path: Path) -> tuple[int, int] | None:
+        """(epochs done, step within the next) of a ``last.pt``, read lazily; None if unreadable (the
+        restore then says why)."""
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            within = state.get("within") or {}
+            return int(state["epoch"]), int(within.get("step", 0))
+        except Exception:  # a damaged file: the restore names the problem
+            return None
 
     def _announce_stages(self) -> None:
         """What the run will do: device, batch, stages with their epochs and steps."""
@@ -689,6 +761,10 @@ class Runner:
         # Decode (or find cached) every image now: a file that only fails when decoded is
         # reported before training, and listed in skipped.json under on_bad_sample: skip.
         description = self._describe(self.source, "data")
+        if not self.main:
+            for source in self.stage_sources.values():
+                self._describe(source, "stage")
+            return
         description["class_names"] = list(self.source.class_names)
         if self.stage_sources:
             description["stages"] = {name: self._describe(source, f"stages.{name}.data") for name, source in self.stage_sources.items()}
@@ -722,10 +798,13 @@ class Runner:
         dataset = self._source(stage).split(split, label_fraction=label_fraction)
         if len(dataset) == 0:
             raise CorexError(f"stages.{stage.name}: the '{split}' split of data '{self.recipe.stage_data(stage).name}' is empty")
+        batch = self.recipe.stage_batch_size(stage)
+        if shuffle and batch % self.world:
+            raise CorexError(f"stages.{stage.name}.batch_size: the global batch of {batch} must divide by the {self.world} processes")
         return make_loader(
-            dataset, self.recipe.stage_batch_size(stage), shuffle=shuffle,
+            dataset, batch, shuffle=shuffle,
             seed=stage_seed(self.recipe.seed, stage.name, epoch), num_workers=self.recipe.stage_data(stage).num_workers, device=self.device,
-            start_batch=start_batch,
+            start_batch=start_batch, rank=self.rank, world=self.world if shuffle else 1,
         )
 
     def _val_fraction(self, stage: Stage) -> float:
@@ -779,6 +858,12 @@ class Runner:
 
             ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(stage.ema), use_buffers=True)
         loop = _Loop(stage, heads, augment, objective, optimizer, schedule, scaler, dtype, params, steps, evaluators, val_loader, ema=ema)
+        if self.world > 1:  # gradients averaged over the ranks; rank 0's weights and buffers to start
+            from torch.nn.parallel import DistributedDataParallel
+
+            target = objective if objective is not None else model
+            loop.forward = DistributedDataParallel(target, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   find_unused_parameters=True)
 
         best = {"epoch": None, "value": None, "metrics": {}}
         start_epoch, resume_at = 1, None
@@ -792,27 +877,32 @@ class Runner:
         fixed_batch = None
         for epoch in range(start_epoch, stage.epochs + 1):
             row, fixed_batch = self._train_epoch(loop, epoch, label_fraction, fixed_batch, resume_at if epoch == start_epoch else None)
-            if val_loader is not None:
-                best = loop.best = self._validate(loop, epoch, row, best, ckpt_dir)
-            if objective is not None and hasattr(objective, "on_epoch_end") and fixed_batch is not None:
+            if val_loader is not None:  # rank 0 validates on the whole split; the others learn the outcome
+                best = loop.best = distributed.broadcast(self._validate(loop, epoch, row, best, ckpt_dir) if self.main else None)
+            if objective is not None and hasattr(objective, "on_epoch_end") and fixed_batch is not None and self.main:
                 (self.out / stage.name).mkdir(parents=True, exist_ok=True)
                 objective.eval()
                 with torch.no_grad():
                     objective.on_epoch_end(epoch=epoch, batch=fixed_batch, out_dir=self.out / stage.name)
             self._checkpoint(loop, epoch, row, best, ckpt_dir / "last.pt")
             log(_epoch_line(stage, epoch, row, stage.select.metric) + f"  {self._run_eta()}")
-            self.pm.hook.corex_epoch_end(run=self.context, stage=stage.name, epoch=epoch, metrics=row)
+            if self.main:
+                self.pm.hook.corex_epoch_end(run=self.context, stage=stage.name, epoch=epoch, metrics=row)
 
+        distributed.barrier()  # best.pt is written
         if best["epoch"] is not None:
             self._load_model(ckpt_dir / "best.pt", f"stages.{stage.name}")
         elif ema is not None:
             model.load_state_dict(ema.module.state_dict())
         model.encoder.requires_grad_(True)
-        rundir.save_torch(ckpt_dir / "model.pt", {
-            "model": model.state_dict(), "arch": model.encoder.arch, "in_channels": model.encoder.in_channels,
-            "stage": stage.name, "rng": rng_state(),
-        })
-        _fault_point("after_model", stage.name)
+        states = self._rng_states()
+        if self.main:
+            rundir.save_torch(ckpt_dir / "model.pt", {
+                "model": model.state_dict(), "arch": model.encoder.arch, "in_channels": model.encoder.in_channels,
+                "stage": stage.name, **states,
+            })
+            _fault_point("after_model", stage.name)
+        distributed.barrier()
         last_row = next((r for r in reversed(self.metrics.rows()) if r.get("stage") == stage.name), {})
         # From the metrics row, so that a resume after the last epoch still reports the real speed.
         result: dict[str, Any] = {"kind": stage.kind, "epochs": stage.epochs, "images_per_s": round(float(last_row.get("images_per_s", 0.0)), 2)}
@@ -838,7 +928,7 @@ class Runner:
             loop.optimizer.load_state_dict(state["optimizer"])
             loop.schedule.load_state_dict(state["schedule"])
             loop.scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
+            self._set_rng(state)
         except (RuntimeError, KeyError, TypeError, ValueError) as exc:
             raise CorexError(f"{where}: '{path}' does not fit this stage's objective or optimizer ({str(exc).splitlines()[0][:200]})") from None
         try:
@@ -847,10 +937,16 @@ class Runner:
         except (RuntimeError, KeyError, TypeError, ValueError) as exc:
             raise CorexError(f"{where}: '{path}' does not fit this stage's EMA ({str(exc).splitlines()[0][:200]})") from None
         epoch = int(state["epoch"])
-        self.metrics.truncate(self.results["stages"], stage.name, epoch)
-        row = state.get("row")
-        if row and row.get("epoch") == epoch and not self.metrics.has(stage.name, epoch):  # killed between the checkpoint and the log
-            self.metrics.append(row)
+        if int(state.get("world_size", 1)) != self.world:
+            log(f"warning: [{stage.name}] '{path}' was written by {state.get('world_size', 1)} process(es) and is resumed by {self.world}: "
+                "the global batch is the same, but the order of the remaining samples and the random draws are not those of the "
+                "interrupted run")
+        if self.main:
+            self.metrics.truncate(self.results["stages"], stage.name, epoch)
+            row = state.get("row")
+            if row and row.get("epoch") == epoch and not self.metrics.has(stage.name, epoch):  # killed between the checkpoint and the log
+                self.metrics.append(row)
+        distributed.barrier()
         position = state.get("within")  # a checkpoint_every checkpoint inside epoch + 1
         if position:
             log(f"[{stage.name}] resumed in epoch {epoch + 1} after step {position['step']}")
@@ -873,7 +969,8 @@ class Runner:
         sums: dict[str, Tensor] = {k: torch.tensor(v, device=device) for k, v in (resume_at or {}).get("sums", {}).items()}
         seen = int((resume_at or {}).get("seen", 0))
         started = time.perf_counter() - float((resume_at or {}).get("elapsed", 0.0))
-        bar = Progress(loop.steps, f"[{stage.name}] epoch {epoch}/{stage.epochs}", note=self._run_eta, mode="off" if self.progress_off else None)
+        bar = Progress(loop.steps, f"[{stage.name}] epoch {epoch}/{stage.epochs}", note=self._run_eta,
+                       mode="off" if self.progress_off or not self.main else None)
         bar.done = first
         for step, batch in enumerate(train_loader, start=first):
             if step >= loop.steps:
@@ -886,7 +983,7 @@ class Runner:
                 fixed_batch = {k: (v[:8] if isinstance(v, (Tensor, list)) else v) for k, v in batch.items()}
             step_started = time.perf_counter()
             with torch.autocast(device.type, dtype=loop.dtype or torch.float32, enabled=loop.dtype is not None):
-                loss, logs = self._step_loss(stage, batch, loop.augment, loop.objective)
+                loss, logs = self._step_loss(stage, batch, loop.augment, loop.objective, loop.forward)
             loop.optimizer.zero_grad(set_to_none=True)
             loop.scaler.scale(loss).backward()
             if stage.grad_clip:
@@ -915,14 +1012,19 @@ class Runner:
                 within = {"step": step + 1, "seen": seen, "elapsed": time.perf_counter() - started,
                           "sums": {k: float(v) for k, v in sums.items()}}
                 self._checkpoint(loop, epoch - 1, None, loop.best, self.out / "checkpoints" / stage.name / "last.pt", within=within)
-                _fault_point("after_step_checkpoint", stage.name, f"{epoch}:{step + 1}")
         bar.close()
+        if self.world > 1:  # the epoch's means over every rank's samples
+            keys = sorted(sums)
+            totals = distributed.all_sum(torch.stack([torch.as_tensor(sums[k], device=device, dtype=torch.float64) for k in keys]
+                                                     + [torch.tensor(float(seen), device=device, dtype=torch.float64)]))
+            sums, seen = dict(zip(keys, totals[:-1])), int(totals[-1].item())
         elapsed = time.perf_counter() - started
         row: dict[str, Any] = {"stage": stage.name, "epoch": epoch, **{k: float(v) / max(seen, 1) for k, v in sums.items()}}
         row["lr"] = loop.optimizer.param_groups[0]["lr"]
         row["images_per_s"] = seen / elapsed if elapsed > 0 else 0.0
         row["train_time_s"] = elapsed
         row["global_batch"] = recipe.stage_batch_size(stage)
+        row["processes"] = self.world
         row["images"] = seen
         return row, fixed_batch
 
@@ -946,28 +1048,34 @@ class Runner:
                     within: Mapping[str, Any] | None = None) -> None:
         """``last.pt`` holds the epoch's metrics row as well, so the two are written as one step:
         a kill between them is repaired on resume. ``within`` marks a checkpoint inside epoch
-        ``epoch + 1`` (``checkpoint_every``): its step and running sums."""
-        rundir.save_torch(path, {
-            "within": dict(within) if within else None,
-            "ema": loop.ema.state_dict() if loop.ema is not None else None,
-            "model": self.model.state_dict(),
-            "objective": loop.objective.state_dict() if loop.objective is not None else None,
-            "optimizer": loop.optimizer.state_dict(),
-            "schedule": loop.schedule.state_dict(),
-            "scaler": loop.scaler.state_dict(),
-            "epoch": epoch,
-            "best": best,
-            "rng": rng_state(),
-            "arch": self.model.encoder.arch,
-            "row": row,
-        })
-        if within:
-            return
-        _fault_point("after_checkpoint", loop.stage.name, epoch)
-        self.metrics.append(row)
-        _fault_point("after_row", loop.stage.name, epoch)
+        ``epoch + 1`` (``checkpoint_every``): its step and running sums. Every rank's RNG state is
+        in it; rank 0 writes it."""
+        states = self._rng_states()
+        if self.main:
+            rundir.save_torch(path, {
+                "within": dict(within) if within else None,
+                "ema": loop.ema.state_dict() if loop.ema is not None else None,
+                "model": self.model.state_dict(),
+                "objective": loop.objective.state_dict() if loop.objective is not None else None,
+                "optimizer": loop.optimizer.state_dict(),
+                "schedule": loop.schedule.state_dict(),
+                "scaler": loop.scaler.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "arch": self.model.encoder.arch,
+                "row": row,
+                **states,
+            })
+            if within:
+                _fault_point("after_step_checkpoint", loop.stage.name, f"{epoch + 1}:{within['step']}")
+            else:
+                _fault_point("after_checkpoint", loop.stage.name, epoch)
+                self.metrics.append(row)
+                _fault_point("after_row", loop.stage.name, epoch)
+        distributed.barrier()
 
-    def _step_loss(self, stage: Stage, batch: dict[str, Any], augment: Callable, objective: nn.Module | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def _step_loss(self, stage: Stage, batch: dict[str, Any], augment: Callable, objective: nn.Module | None,
+                   forward: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of one training step, and the extra scalars to log.
 
         A pretrain stage hands the batch and the augmentation to its objective (which may make
@@ -975,11 +1083,11 @@ class Runner:
         way augmentation runs without gradients.
         """
         if objective is not None:
-            out = objective(batch, _without_grad(augment))
+            out = (forward or objective)(batch, _without_grad(augment))
             return out["loss"], {f"train/{k}": v for k, v in out.items() if k != "loss"}
         with torch.no_grad():
             batch = augment(batch)
-        outputs = self.model(batch["image"], list(stage.heads))
+        outputs = (forward or self.model)(batch["image"], list(stage.heads))
         losses = {h: self.model.heads[h].loss(outputs[h], batch) for h in stage.heads}
         loss = sum(stage.heads[h].weight * losses[h] for h in stage.heads)
         return loss, ({f"train/loss/{h}": v for h, v in losses.items()} if len(losses) > 1 else {})
@@ -1002,7 +1110,6 @@ class Runner:
         )
 
     def evaluate_stage(self, stage: Stage) -> dict[str, Any]:
-        self._start_encoder(stage)
         evaluators = build_evaluators(stage, self.class_names, self.registry)
         metrics, intervals = evaluate_split(
             self.model, self._source(stage), self.recipe, stage, evaluators, self.device, weights=self._head_weights(stage),
@@ -1033,6 +1140,7 @@ class _Loop:
     evaluators: list[tuple[str, Any]]
     val_loader: DataLoader | None
     ema: Any = None  # torch.optim.swa_utils.AveragedModel when the stage asks for it
+    forward: nn.Module | None = None  # DistributedDataParallel around the model or objective, when there are several ranks
     best: dict[str, Any] = attrs.field(factory=lambda: {"epoch": None, "value": None, "metrics": {}})
     checked: bool = False
 

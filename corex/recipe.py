@@ -157,6 +157,8 @@ class Data:
 class Model:
     encoder: Component
     channels_last: bool = True
+    # Batch-norm statistics over the whole global batch under torch.distributed (CUDA only).
+    sync_batchnorm: bool = False
 
 
 @attrs.define
@@ -271,7 +273,8 @@ class Recipe:
             if stage.kind != "evaluate":
                 entry["optimizer"] = _unstructure(self.stage_optimizer(stage))
                 entry["schedule"] = _unstructure(self.stage_schedule(stage))
-            data["stages"][name] = {k: v for k, v in entry.items() if k in STAGE_KEYS[stage.kind]}
+            keep = [k for k in STAGE_KEYS[stage.kind] if k != "data" or stage.data is not None]  # no `data: null` noise
+            data["stages"][name] = {k: v for k, v in entry.items() if k in keep}
         return data
 
 

@@ -42,7 +42,7 @@ def test_validate_accepts_a_good_recipe_and_reports_every_problem_of_a_bad_one(c
     bad["stages"]["train"]["epoch"] = 3
     bad["model"]["encoder"]["name"] = "resnet05"
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(bad))
+    path.write_text(yaml.safe_dump(bad, sort_keys=False))
     code, out, err = corex_cli("validate", path)
     assert code == 2
     assert "Traceback" not in err

@@ -114,7 +114,7 @@ def _recipe(tmp_path, tiny_recipe, encoder: str) -> str:
         "test": {"kind": "evaluate", "evaluators": [{"name": "misspelt", "class_name": ["a"]}]},
     }
     path = tmp_path / f"{encoder}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return str(path)
 
 
@@ -149,7 +149,7 @@ def test_schema_only_validation_skips_the_build(corex_pm, corex_cli, tiny_recipe
     recipe["model"] = {"encoder": "wrong_stride"}
     recipe["stages"] = {"train": {"kind": "train", "epochs": 1, "heads": {"classification": {}}}}
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     code, out, err = corex_cli("validate", path, "--no-build")
     assert code == 0 and "schema only" in out, err
     code, _, err = corex_cli("validate", path)

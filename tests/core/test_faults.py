@@ -25,7 +25,7 @@ def _recipe(tmp_path: Path) -> Path:
     recipe["stages"]["train"]["epochs"] = 3
     recipe["stages"]["test"]["evaluators"] = [{"name": "classification", "bootstrap": 20}]
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     (tmp_path / "corex_toy_plugin.py").write_text(TOY_MODULE)
     return path
 

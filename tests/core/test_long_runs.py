@@ -29,7 +29,7 @@ def test_a_run_killed_mid_epoch_resumes_at_that_step_to_the_uninterrupted_result
     recipe["stages"]["train"].update(epochs=2, checkpoint_every=2)
     recipe["stages"]["test"]["evaluators"] = [{"name": "classification", "bootstrap": 20}]
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     (tmp_path / "corex_toy_plugin.py").write_text(TOY_MODULE)
     env = {**os.environ, "COREX_PLUGINS": "corex_toy_plugin", "PYTHONPATH": str(tmp_path), "COREX_PROGRESS": "off"}
 

@@ -161,7 +161,7 @@ FUZZ = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.fun
 @pytest.fixture
 def recipe_file(tiny_recipe, tmp_path):
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_recipe))
+    path.write_text(yaml.safe_dump(tiny_recipe, sort_keys=False))
     code, err = validate(path)
     assert code == 0, err  # the base recipe is good: every problem below comes from the bad value
     return path

@@ -18,7 +18,7 @@ from corex.errors import CorexError
 
 def _write(recipe: dict, tmp_path: Path, name: str = "tiny.yaml") -> Path:
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 

@@ -44,7 +44,7 @@ def _recipe(tmp_path) -> dict:
 def test_pretraining_on_an_unlabelled_folder_then_fine_tuning_on_the_phantom(corex_cli, tmp_path):
     _unlabelled_folder(tmp_path / "corpus")
     path = tmp_path / "external.yaml"
-    path.write_text(yaml.safe_dump(_recipe(tmp_path)))
+    path.write_text(yaml.safe_dump(_recipe(tmp_path), sort_keys=False))
     code, _, err = corex_cli("data", "prepare", path)
     assert code == 0, err
     assert "folder: 40 images decoded" in err and "siim: " in err, err
@@ -66,12 +66,12 @@ def test_a_stage_data_block_is_validated_at_its_own_path(corex_cli, tmp_path):
     recipe["stages"]["pretrain"]["data"]["image_size"] = 40
     recipe["stages"]["pretrain"]["data"]["nonsense"] = 1
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     code, _, err = corex_cli("validate", path, "--no-build")
     assert code == 2 and "Traceback" not in err
     assert "stages.pretrain.data.image_size: must be a multiple of 32" in err, err
     assert "stages.pretrain.data.nonsense: unknown option" in err, err
     recipe = _recipe(tmp_path)  # a folder that does not exist: the data source's own message, at the stage's path
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     code, _, err = corex_cli("validate", path)
     assert code == 2 and "stages.pretrain.data" in err and "not a directory" in err, err

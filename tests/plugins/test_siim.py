@@ -343,7 +343,7 @@ def siim_recipe(root: Path, tmp_path: Path, name: str = "siim", **data_options) 
         "stages": {"train": {"kind": "train", "epochs": 1, "heads": {"classification": {}}}},
     }
     path = tmp_path / "siim.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 

@@ -38,7 +38,7 @@ def arms(tmp_path, corex_pm):
     paths = []
     for name, heads in (("moco_classification", ["classification"]), ("moco_multitask", ["classification", "segmentation"])):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(tiny_arm(name, heads), sort_keys=False))
+        path.write_text(yaml.safe_dump(tiny_arm(name, heads), sort_keys=False, sort_keys=False))
         paths.append(path)
     return paths
 
@@ -72,7 +72,7 @@ def test_plan_shares_pretraining_and_lays_out_runs(arms, tmp_path):
     # Another objective option is another pre-training.
     other = yaml.safe_load(arms[1].read_text())
     other["stages"]["pretrain"]["objective"]["temperature"] = 0.1
-    arms[1].write_text(yaml.safe_dump(other))
+    arms[1].write_text(yaml.safe_dump(other, sort_keys=False))
     jobs = plan(arms, [0], [1.0], tmp_path / "study")
     assert len([j for j in jobs if j.kind == "pretrain"]) == 2
 
