@@ -269,6 +269,10 @@ class EpochOrder(torch.utils.data.Sampler[int]):
         share = self.batch // self.world
         return [i for b in range(len(order) // self.batch) for i in order[b * self.batch + self.rank * share:][:share]]
 
+    def set_epoch(self, seed: int, start: int = 0) -> None:
+        """The next epoch's order (a loader with persistent workers keeps its sampler)."""
+        self.seed, self.start = seed, start
+
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices())
 
@@ -293,7 +297,7 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_worke
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),  # the workers' seeds
         worker_init_fn=_seed_worker,
-        persistent_workers=False,
+        persistent_workers=shuffle and num_workers > 0,  # a stage's loader lives for all its epochs
         pin_memory=device.type == "cuda",
     )
 
@@ -857,13 +861,16 @@ class Runner:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(stage.ema), use_buffers=True)
-        loop = _Loop(stage, heads, augment, objective, optimizer, schedule, scaler, dtype, params, steps, evaluators, val_loader, ema=ema)
+        loop = _Loop(stage, heads, augment, objective, optimizer, schedule, scaler, dtype, params, steps, evaluators, val_loader, ema=ema,
+                     train_loader=train_loader)
         if self.world > 1:  # gradients averaged over the ranks; rank 0's weights and buffers to start
             from torch.nn.parallel import DistributedDataParallel
 
             target = objective if objective is not None else model
+            # Heads of other stages take no part in this one's forward pass: DDP must be told.
+            idle = objective is None and any(p.requires_grad for name, head in model.heads.items() if name not in heads for p in head.parameters())
             loop.forward = DistributedDataParallel(target, device_ids=[device.index] if device.type == "cuda" else None,
-                                                   find_unused_parameters=True)
+                                                   find_unused_parameters=idle)
 
         best = {"epoch": None, "value": None, "metrics": {}}
         start_epoch, resume_at = 1, None
@@ -960,7 +967,8 @@ class Runner:
         running sums so far, so the epoch's row equals an uninterrupted one."""
         stage, model, device, recipe = loop.stage, self.model, self.device, self.recipe
         first = int(resume_at["step"]) if resume_at else 0
-        train_loader = self._loader("train", stage, shuffle=True, label_fraction=label_fraction, epoch=epoch, start_batch=first)
+        train_loader = loop.train_loader
+        train_loader.sampler.set_epoch(stage_seed(recipe.seed, stage.name, epoch), first * recipe.stage_batch_size(stage))
         model.train()
         if stage.freeze:
             model.encoder.eval()  # a linear probe keeps the encoder's batch-norm statistics
@@ -1141,6 +1149,7 @@ class _Loop:
     val_loader: DataLoader | None
     ema: Any = None  # torch.optim.swa_utils.AveragedModel when the stage asks for it
     forward: nn.Module | None = None  # DistributedDataParallel around the model or objective, when there are several ranks
+    train_loader: DataLoader | None = None  # one per stage: its workers persist, its sampler is re-seeded each epoch
     best: dict[str, Any] = attrs.field(factory=lambda: {"epoch": None, "value": None, "metrics": {}})
     checked: bool = False
 

@@ -20,6 +20,7 @@ bootstrap), :mod:`corex_eval.calibration` (temperature scaling, weighted ECE and
 from __future__ import annotations
 
 from corex import hookimpl
+from corex_eval.average_precision import average_precision, study_map
 from corex_eval.classification import ClassificationEvaluator
 from corex_eval.localization import LocalizationEvaluator
 from corex_eval.segmentation import SegmentationEvaluator
@@ -34,4 +35,4 @@ def corex_evaluators():
     }
 
 
-__all__ = ["ClassificationEvaluator", "LocalizationEvaluator", "SegmentationEvaluator", "corex_evaluators"]
+__all__ = ["ClassificationEvaluator", "LocalizationEvaluator", "SegmentationEvaluator", "average_precision", "corex_evaluators", "study_map"]

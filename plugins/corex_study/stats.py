@@ -137,8 +137,8 @@ def weighted_metric(name: str, probabilities: np.ndarray, labels: np.ndarray, we
     A row of ones gives the plain metric. Conventions follow the classification evaluator: macro
     averages leave out a class absent from both targets and predictions; a class without
     positives or negatives has no AUROC or AP and is left out of the macro mean.
-    ``study_map`` is the mean over classes of the (non-interpolated) average precision,
-    ``sum_n (R_n - R_(n-1)) P_n`` over the distinct score thresholds, as scikit-learn computes it.
+    ``study_map`` is corex_eval's: the mean over classes of the PASCAL VOC 2010 average precision
+    (all-point, with the monotone precision envelope), as the SIIM-FISABIO-RSNA challenge scored it.
     """
     weights = np.atleast_2d(np.asarray(weights, dtype=float))
     probabilities = np.asarray(probabilities, dtype=float)
@@ -157,8 +157,15 @@ def weighted_metric(name: str, probabilities: np.ndarray, labels: np.ndarray, we
             else:
                 per_class = np.nan_to_num(2 * true_positive / (support + predicted))
         return (per_class * seen).sum(1) / seen.sum(1)
-    if name in ("auroc", "study_map"):
-        score = _weighted_auroc if name == "auroc" else _weighted_average_precision
+    if name == "study_map":
+        # The evaluator's own definition (VOC 2010 AP, enveloped), so that compare's paired
+        # differences are on the very metric results.json and the report quote.
+        import torch
+        from corex_eval import study_map
+
+        return study_map(torch.as_tensor(probabilities), torch.as_tensor(labels), torch.as_tensor(weights)).numpy()
+    if name == "auroc":
+        score = _weighted_auroc
         per_class = np.stack([score(probabilities[:, c], target[:, c], weights) for c in range(k)], 1)
         with warnings.catch_warnings():  # a weighting where no class has a score gives nan
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -186,26 +193,6 @@ def _weighted_auroc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray
     pairs = w_pos.sum(1) * w_neg.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(pairs > 0, (w_pos * credit).sum(1) / pairs, np.nan)
-
-
-def _weighted_average_precision(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Average precision per weighting, thresholds taken at every distinct score (descending)."""
-    order, group = _tie_groups(-score)  # descending score
-    w = weights[:, order]
-    tp = np.cumsum(w * positive[order], 1)
-    fp = np.cumsum(w * (1 - positive[order]), 1)
-    last_of_group = np.r_[group[1:] != group[:-1], True]
-    tp, fp = tp[:, last_of_group], fp[:, last_of_group]
-    total = tp[:, -1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.nan_to_num(tp / (tp + fp))
-        recall = tp / total
-    gained = np.diff(np.concatenate([np.zeros((w.shape[0], 1)), recall], 1), axis=1)
-    ap = (gained * precision).sum(1)
-    return np.where(total[:, 0] > 0, ap, np.nan)
-
-
-# -- differences paired by test study ---------------------------------------------------------------
 
 
 def cluster_weights(groups: Sequence[object], resamples: int, rng: np.random.Generator) -> np.ndarray:

@@ -38,7 +38,7 @@ def arms(tmp_path, corex_pm):
     paths = []
     for name, heads in (("moco_classification", ["classification"]), ("moco_multitask", ["classification", "segmentation"])):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(tiny_arm(name, heads), sort_keys=False, sort_keys=False))
+        path.write_text(yaml.safe_dump(tiny_arm(name, heads), sort_keys=False))
         paths.append(path)
     return paths
 
