@@ -9,6 +9,9 @@ before fine-tuning the shared encoder on the four-class COVID-19 classification.
 Here the shared encoder reads the masked image and a U-Net decoder over its pyramid
 (:class:`corex_heads.unet.UNetDecoder`) paints the whole image back; the loss is measured on the
 hidden pixels (and, optionally, with a smaller weight on the visible ones).
+
+Depends on the ``corex_heads`` plugin (shipped with corex) for that decoder, through its public API
+(``from corex_heads import UNetDecoder``), never its internals.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import Tensor, nn
 
 from corex.interfaces import Batch
 from corex.rundir import atomic_path
-from corex_heads.unet import UNetDecoder
+from corex_heads import UNetDecoder  # the heads plugin's public API (corex_heads.__all__); see the module docstring
 from corex_inpaint.masks import Policy, check_mask_options, random_masks
 
 FILLS: tuple[str, ...] = ("zero", "mean", "noise")
