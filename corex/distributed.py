@@ -85,6 +85,15 @@ def gather(obj: Any) -> list[Any]:
     return gathered
 
 
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank 0; None on the other ranks."""
+    if world_size() == 1:
+        return [obj]
+    gathered: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -113,4 +122,4 @@ def main_first(work: Callable[[], T]) -> T:
     return result if is_main() else work()
 
 
-__all__ = ["all_sum", "barrier", "broadcast", "gather", "is_main", "launched", "main_first", "rank", "setup", "teardown", "world_size"]
+__all__ = ["all_sum", "barrier", "broadcast", "gather", "gather_to_main", "is_main", "launched", "main_first", "rank", "setup", "teardown", "world_size"]

@@ -281,13 +281,31 @@ class EpochOrder(torch.utils.data.Sampler[int]):
         return remaining if self.world == 1 else remaining // self.batch * (self.batch // self.world)
 
 
+class RankShard(torch.utils.data.Sampler[int]):
+    """This rank's contiguous share of an evaluation split: in rank order the shares are the whole
+    split, each sample once (rank 0 gathers the predictions and scores them)."""
+
+    def __init__(self, size: int, rank: int, world: int):
+        share = -(-size // world)
+        self.indices = range(min(size, rank * share), min(size, (rank + 1) * share))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int, device: torch.device, start_batch: int = 0,
                 rank: int = 0, world: int = 1) -> DataLoader:
     """Batches in an order fixed by ``seed``; training loaders drop the ragged last batch.
     ``start_batch`` skips that many batches of a shuffled epoch without loading them. Under
     torch.distributed (``world`` > 1) ``batch_size`` is the global batch and this rank loads its
     share of each."""
-    sampler = EpochOrder(len(dataset), seed, start_batch * batch_size, rank=rank, world=world, batch=batch_size) if shuffle else None
+    if shuffle:
+        sampler = EpochOrder(len(dataset), seed, start_batch * batch_size, rank=rank, world=world, batch=batch_size)
+    else:
+        sampler = RankShard(len(dataset), rank, world) if world > 1 else None
     per_rank = batch_size // world if shuffle else batch_size
     return DataLoader(
         dataset,
@@ -552,7 +570,7 @@ class Runner:
             started = time.perf_counter()
             if stage.kind == "evaluate":
                 self._start_encoder(stage)
-                result = distributed.broadcast(self.evaluate_stage(stage) if self.main else None)  # rank 0 evaluates the whole split
+                result = distributed.broadcast(self.evaluate_stage(stage))  # every rank predicts its share; rank 0 scores
             else:
                 result = self.train_stage(stage)
             result["time_s"] = round(time.perf_counter() - started, 3)
@@ -808,7 +826,7 @@ class Runner:
         return make_loader(
             dataset, batch, shuffle=shuffle,
             seed=stage_seed(self.recipe.seed, stage.name, epoch), num_workers=self.recipe.stage_data(stage).num_workers, device=self.device,
-            start_batch=start_batch, rank=self.rank, world=self.world if shuffle else 1,
+            start_batch=start_batch, rank=self.rank, world=self.world,
         )
 
     def _val_fraction(self, stage: Stage) -> float:
@@ -884,8 +902,8 @@ class Runner:
         fixed_batch = None
         for epoch in range(start_epoch, stage.epochs + 1):
             row, fixed_batch = self._train_epoch(loop, epoch, label_fraction, fixed_batch, resume_at if epoch == start_epoch else None)
-            if val_loader is not None:  # rank 0 validates on the whole split; the others learn the outcome
-                best = loop.best = distributed.broadcast(self._validate(loop, epoch, row, best, ckpt_dir) if self.main else None)
+            if val_loader is not None:  # every rank predicts its share, rank 0 scores and decides; the others learn the outcome
+                best = loop.best = distributed.broadcast(self._validate(loop, epoch, row, best, ckpt_dir))
             if objective is not None and hasattr(objective, "on_epoch_end") and fixed_batch is not None and self.main:
                 (self.out / stage.name).mkdir(parents=True, exist_ok=True)
                 objective.eval()
@@ -1040,6 +1058,8 @@ class Runner:
         stage = loop.stage
         evaluated = loop.ema.module if loop.ema is not None else self.model
         val_metrics = self.evaluate(loop.val_loader, loop.heads, loop.evaluators, stage, desc=f"[{stage.name}] validate", model=evaluated)[0]
+        if not self.main:
+            return best
         row.update({f"val/{k}": v for k, v in val_metrics.items()})
         metric = stage.select.metric
         if metric not in val_metrics:
@@ -1114,14 +1134,14 @@ class Runner:
         return evaluate_loader(
             model if model is not None else self.model, loader, heads, evaluators, self.device, weights=self._head_weights(stage), amp=autocast_dtype(stage, self.device),
             channels_last=self.recipe.model.channels_last, artefacts=artefacts, where=f"stages.{stage.name}",
-            desc=None if self.progress_off else desc,
+            desc=None if self.progress_off or not self.main else desc,
         )
 
     def evaluate_stage(self, stage: Stage) -> dict[str, Any]:
         evaluators = build_evaluators(stage, self.class_names, self.registry)
         metrics, intervals = evaluate_split(
             self.model, self._source(stage), self.recipe, stage, evaluators, self.device, weights=self._head_weights(stage),
-            artefacts=self.out / stage.name, desc=None if self.progress_off else f"[{stage.name}] evaluate {stage.split}",
+            artefacts=self.out / stage.name, desc=None if self.progress_off or not self.main else f"[{stage.name}] evaluate {stage.split}",
         )
         line = "  ".join(f"{k} {format_metric(k, v)}" for k, v in metrics.items() if "/" not in k)
         log(f"[{stage.name}] {stage.split}: {line}")
@@ -1185,6 +1205,10 @@ def _outputs(model: CorexModel, loader: DataLoader, heads: list[str], device: to
             bar.update(1)
 
 
+def _to_cpu(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.cpu() if isinstance(v, Tensor) else v for k, v in values.items()}
+
+
 def _feed(evaluators: list[tuple[str, Any]], method: str, batch: dict[str, Any], outputs: Mapping[str, Tensor], model: CorexModel, heads: list[str]) -> None:
     for path, evaluator in evaluators:
         try:
@@ -1209,19 +1233,20 @@ def evaluate_split(model: CorexModel, source: Any, recipe: Recipe, stage: Stage,
     channels_last = recipe.model.channels_last if channels_last is None else channels_last
     where = f"stages.{stage.name}"
 
-    def loader(name: str, label_fraction: float = 1.0) -> DataLoader:
+    def loader(name: str, label_fraction: float = 1.0, shard: bool = False) -> DataLoader:
         dataset = source.split(name, label_fraction=label_fraction)
         if len(dataset) == 0:
             raise CorexError(f"{where}: the '{name}' split of data '{recipe.stage_data(stage).name}' is empty")
         return make_loader(dataset, recipe.stage_batch_size(stage), shuffle=False, seed=stage_seed(recipe.seed, stage.name, 0),
-                           num_workers=recipe.stage_data(stage).num_workers, device=device)
+                           num_workers=recipe.stage_data(stage).num_workers, device=device,
+                           rank=distributed.rank() if shard else 0, world=distributed.world_size() if shard else 1)
 
     calibrated = [(path, e) for path, e in evaluators if hasattr(e, "calibration_update")]
-    if calibrated and split != "val":
+    if calibrated and split != "val" and distributed.is_main():  # the scores are gathered on rank 0: so is calibration
         data = recipe.stage_data(stage)
         fraction = data.label_fraction if data.reduce_val else 1.0
         feed_calibration(model, loader("val", fraction), heads, calibrated, device, amp=amp, channels_last=channels_last, where=where)
-    return evaluate_loader(model, loader(split), heads, evaluators, device, weights=weights, amp=amp, channels_last=channels_last,
+    return evaluate_loader(model, loader(split, shard=True), heads, evaluators, device, weights=weights, amp=amp, channels_last=channels_last,
                            artefacts=artefacts, where=where, desc=desc)
 
 
@@ -1258,13 +1283,30 @@ def evaluate_loader(
         evaluator.reset()
     loss_sums = {h: 0.0 for h in heads}
     total = 0
+    # Under torch.distributed each rank predicts its share (RankShard) and rank 0 scores them all.
+    sharded = isinstance(getattr(loader, "sampler", None), RankShard)
+    records = []
     for batch, outputs in _outputs(model, loader, heads, device, amp=amp, channels_last=channels_last, where=where, desc=desc):
         n = batch["image"].shape[0]
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             for h in heads:
                 loss_sums[h] += model.heads[h].loss(outputs[h], batch).item() * n
         total += n
-        _feed(evaluators, "update", batch, {k: v.detach().float() for k, v in outputs.items()}, model, heads)
+        outputs = {k: v.detach().float() for k, v in outputs.items()}
+        if sharded:
+            records.append((_to_cpu(batch), _to_cpu(outputs)))  # images too: evaluators may draw them or look inside the model
+        else:
+            _feed(evaluators, "update", batch, outputs, model, heads)
+    if sharded:
+        shares = distributed.gather_to_main((records, loss_sums, total))
+        if shares is None:
+            return {}, {}
+        loss_sums = {h: sum(share[1][h] for share in shares) for h in heads}
+        total = sum(share[2] for share in shares)
+        for share in shares:  # rank order is the split's order
+            for batch, outputs in share[0]:
+                batch = to_device(batch, device, channels_last)
+                _feed(evaluators, "update", batch, {k: v.to(device) for k, v in outputs.items()}, model, heads)
     metrics: dict[str, float] = {}
     intervals: dict[str, tuple[float, float]] = {}
     if heads:
