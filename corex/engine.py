@@ -964,8 +964,8 @@ class Runner:
         epoch = int(state["epoch"])
         if int(state.get("world_size", 1)) != self.world:
             log(f"warning: [{stage.name}] '{path}' was written by {state.get('world_size', 1)} process(es) and is resumed by {self.world}: "
-                "the global batch is the same, but the order of the remaining samples and the random draws are not those of the "
-                "interrupted run")
+                "the global batches hold the same samples in the same order, but the random draws (augmentation, dropout) are "
+                "not those of the interrupted run")
         if self.main:
             self.metrics.truncate(self.results["stages"], stage.name, epoch)
             row = state.get("row")

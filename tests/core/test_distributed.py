@@ -65,6 +65,14 @@ def test_two_processes_match_one_on_the_same_global_batch_and_a_killed_run_resum
     assert "resuming" in resumed.stderr and "after epoch 2 of 3" in resumed.stderr
     assert _rows(tmp_path / "killed") == double  # every rank's RNG state is in the checkpoint: an exact resume
 
+    # Another number of processes: accepted, with a warning saying what is no longer exact.
+    again = _corex(tmp_path, "run", path, "--out", tmp_path / "fewer", "--nproc", "2", fault="after_checkpoint:train:2")
+    assert again.returncode != 0
+    alone = _corex(tmp_path, "run", path, "--out", tmp_path / "fewer", "--resume")
+    assert alone.returncode == 0, alone.stderr
+    assert "written by 2 process(es) and is resumed by 1" in alone.stderr
+    assert [r["epoch"] for r in _rows(tmp_path / "fewer")] == [1, 2, 3]
+
 
 def test_sync_batchnorm_on_the_cpu_is_refused_with_the_reason(tiny_recipe, tmp_path):
     import corex
