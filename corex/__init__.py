@@ -38,13 +38,18 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | tupl
     return _load(source, overrides)
 
 
-def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
-    """Run every stage of ``recipe`` into ``out``; returns the content of ``results.json``."""
+def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
+        progress: bool | None = None) -> dict[str, Any]:
+    """Run every stage of ``recipe`` into ``out``; returns the content of ``results.json``.
+
+    ``resume`` continues the run in ``out`` (or extends it when a stage's ``epochs`` grew);
+    ``overwrite`` deletes what ``out`` holds first; ``progress=False`` shows none.
+    """
     from corex.engine import run as _run
 
     if not hasattr(recipe, "stages"):
         recipe = load_recipe(recipe)
-    return _run(recipe, out, resume=resume, progress=progress)
+    return _run(recipe, out, resume=resume, overwrite=overwrite, progress=progress)
 
 
 def build_data(recipe: Recipe):
