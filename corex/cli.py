@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -133,11 +134,8 @@ def _load(args: argparse.Namespace):
 
 def launch_processes(nproc: int, argv: Sequence[str]) -> int:
     """``corex run --nproc N ...``: torchrun starts N copies of ``corex run ...`` (without --nproc)."""
-    import os
     import subprocess
 
-    if nproc < 1:
-        raise CorexError(f"--nproc: expected at least 1 process, got {nproc}")
     rest, skip = [], False
     for word in argv:
         if skip:
@@ -154,7 +152,9 @@ def launch_processes(nproc: int, argv: Sequence[str]) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from corex.engine import CLI_FLAGS, default_out, run
 
-    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in __import__("os").environ:
+    if args.nproc is not None and args.nproc < 1:
+        raise CorexError(f"--nproc: expected at least 1 process, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_processes(args.nproc, args.argv)
     recipe = _load(args)
     out = args.out or default_out(recipe)
@@ -303,8 +303,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("corex: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `corex recipes | head`: the reader left; not an error of ours
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

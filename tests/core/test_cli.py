@@ -129,3 +129,8 @@ def test_every_example_in_help_names_a_real_command_and_existing_recipes(corex_c
         for word in words:
             if word.startswith("recipes/") and "*" not in word:
                 assert (ROOT / word).exists(), line
+
+
+def test_nproc_below_one_is_refused(corex_cli, tmp_path):
+    code, _, err = corex_cli("run", QUICKSTART, "--nproc", "0", "--out", tmp_path / "never")
+    assert code == 2 and "--nproc: expected at least 1 process, got 0" in err and not (tmp_path / "never").exists()
