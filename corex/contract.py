@@ -24,10 +24,15 @@ REQUIRED: dict[str, tuple[tuple[str, str], ...]] = {
     "evaluators": (("update", "method"), ("compute", "method"), ("reset", "method")),
     "augmentations": (("__call__", "method"),),
     "datasets": (("class_names", "sequence"), ("split", "method"), ("describe", "method"), ("skipped", "method")),
+    "optimizers": (("step", "method"), ("zero_grad", "method"), ("param_groups", "sequence"), ("state_dict", "method"),
+                   ("load_state_dict", "method")),
+    "schedules": (("step", "method"), ("state_dict", "method"), ("load_state_dict", "method")),
 }
 # The protocol each kind is documented by, for the messages.
-PROTOCOL = {"encoders": "Encoder", "heads": "Head", "objectives": "Objective", "evaluators": "Evaluator",
-            "augmentations": "Augmentation", "datasets": "DataSource"}
+PROTOCOL = {"encoders": "corex.interfaces.Encoder", "heads": "corex.interfaces.Head", "objectives": "corex.interfaces.Objective",
+            "evaluators": "corex.interfaces.Evaluator", "augmentations": "corex.interfaces.Augmentation",
+            "datasets": "corex.interfaces.DataSource", "optimizers": "torch.optim.Optimizer",
+            "schedules": "torch.optim.lr_scheduler.LRScheduler"}
 # nn.Module subclasses: the core moves them to the device, trains them and saves their state.
 MODULES = {"encoders", "heads", "objectives"}
 
@@ -51,7 +56,7 @@ def built_problems(kind: str, built: Any, label: str, path: str) -> list[str]:
             wrong.append(f"{attribute} must be an integer, got {value!r}")
         elif expected == "sequence" and (isinstance(value, str) or not isinstance(value, Iterable)):
             wrong.append(f"{attribute} must be a list, got {value!r}")
-    where = f"corex.interfaces.{PROTOCOL[kind]}"
+    where = PROTOCOL[kind]
     if kind in MODULES and not isinstance(built, torch.nn.Module):
         problems.append(f"{path}: {label} returned a {type(built).__name__}, not a torch.nn.Module (see {where})")
     if missing:

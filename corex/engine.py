@@ -371,32 +371,23 @@ def autocast_dtype(stage: Stage, device: torch.device) -> torch.dtype | None:
     return None  # CPU autocast is slower than float32 on most CPUs
 
 
-def make_optimizer(params: list[nn.Parameter], spec) -> torch.optim.Optimizer:
-    # No weight decay on biases and normalisation weights (1-D tensors): it only fights the scale.
+def make_optimizer(params: list[nn.Parameter], spec, registry: Registry | None = None, path: str = "optimizer") -> torch.optim.Optimizer:
+    """The recipe's optimizer from its registered factory. No weight decay on biases and
+    normalisation weights (1-D tensors): it only fights their scale."""
+    registry = registry or Registry()
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if spec.name == "sgd":
-        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum)
-    if spec.name == "adam":
-        return torch.optim.Adam(groups, lr=spec.lr, betas=tuple(spec.betas))
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas))
+    return build_component(registry, "optimizers", Component(spec.name, spec.options), path, param_groups=groups, lr=spec.lr,
+                           weight_decay=spec.weight_decay, momentum=spec.momentum, betas=tuple(spec.betas))
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, spec, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine decay to ``min_lr_ratio``, stepped every optimisation step."""
-    total = max(1, steps_per_epoch * epochs)
-    warmup = int(round(spec.warmup_epochs * steps_per_epoch))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if spec.name == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def make_schedule(optimizer: torch.optim.Optimizer, spec, steps_per_epoch: int, epochs: int, registry: Registry | None = None,
+                  path: str = "schedule"):
+    """The recipe's learning-rate schedule from its registered factory, stepped every optimisation step."""
+    registry = registry or Registry()
+    return build_component(registry, "schedules", Component(spec.name, spec.options), path, optimizer=optimizer,
+                           steps_per_epoch=steps_per_epoch, epochs=epochs, warmup_epochs=spec.warmup_epochs, min_lr_ratio=spec.min_lr_ratio)
 
 
 def log(message: str) -> None:
@@ -868,9 +859,11 @@ class Runner:
         params = list({id(p): p for m in modules for p in m.parameters() if p.requires_grad}.values())
         if not params:
             raise CorexError(f"stages.{stage.name}: nothing to train (the encoder is frozen and there are no heads)")
-        optimizer = make_optimizer(params, recipe.stage_optimizer(stage))
+        where = f"stages.{stage.name}" if stage.optimizer is not None else None
+        optimizer = make_optimizer(params, recipe.stage_optimizer(stage), self.registry, f"{where}.optimizer" if where else "optimizer")
         steps = len(train_loader) if stage.max_steps_per_epoch is None else min(len(train_loader), stage.max_steps_per_epoch)
-        schedule = make_schedule(optimizer, recipe.stage_schedule(stage), steps, stage.epochs)
+        schedule = make_schedule(optimizer, recipe.stage_schedule(stage), steps, stage.epochs, self.registry,
+                                 f"stages.{stage.name}.schedule" if stage.schedule is not None else "schedule")
         dtype = autocast_dtype(stage, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         val_loader = None if pretrain else self._loader("val", stage, shuffle=False, label_fraction=self._val_fraction(stage))

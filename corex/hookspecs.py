@@ -91,6 +91,29 @@ def corex_datasets() -> Mapping[str, Factory]:
     """
 
 
+@hookspec
+def corex_optimizers() -> Mapping[str, Factory]:
+    """Name optimizer factories.
+
+    Each factory returns a ``torch.optim.Optimizer``. The core passes ``param_groups`` (weights
+    with the recipe's ``weight_decay``, biases and normalisation weights without) and, where the
+    signature asks, the recipe's ``lr``, ``weight_decay``, ``momentum`` and ``betas``; other keys
+    of the recipe's optimizer block are the factory's own options. Recipe key: ``optimizer``
+    (or ``stages.<name>.optimizer``).
+    """
+
+
+@hookspec
+def corex_schedules() -> Mapping[str, Factory]:
+    """Name learning-rate schedule factories.
+
+    Each factory returns a ``torch.optim.lr_scheduler.LRScheduler`` that the engine steps after
+    every optimisation step and saves in checkpoints. The core passes ``optimizer``,
+    ``steps_per_epoch`` and ``epochs`` and, where the signature asks, the recipe's
+    ``warmup_epochs`` and ``min_lr_ratio``. Recipe key: ``schedule`` (or ``stages.<name>.schedule``).
+    """
+
+
 # -- command line ---------------------------------------------------------------------------------
 
 

@@ -39,6 +39,8 @@ KINDS: dict[str, str] = {
     "evaluators": "corex_evaluators",
     "augmentations": "corex_augmentations",
     "datasets": "corex_datasets",
+    "optimizers": "corex_optimizers",
+    "schedules": "corex_schedules",
 }
 _SINGULAR = {kind: kind[:-1] for kind in KINDS}
 

@@ -33,6 +33,8 @@ INJECTED: dict[str, tuple[str, ...]] = {
     "evaluators": ("class_names", "split"),
     "augmentations": (),
     "datasets": ("image_size", "seed", "cache_dir"),
+    "optimizers": ("param_groups", "lr", "weight_decay", "momentum", "betas"),
+    "schedules": ("optimizer", "steps_per_epoch", "epochs", "warmup_epochs", "min_lr_ratio"),
 }
 
 StageKind = Literal["train", "pretrain", "evaluate"]
@@ -163,18 +165,26 @@ class Model:
 
 @attrs.define
 class Optimizer:
-    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    """A registered optimizer (built-ins: sgd, adam, adamw) with the core's settings; any other key
+    is the optimizer factory's own option."""
+
+    name: str = "adamw"
     lr: float = checked(1e-3, POSITIVE)
     weight_decay: float = checked(1e-4, NON_NEGATIVE)
     momentum: float = checked(0.9, Limits(low=0, high=1, high_open=True))  # SGD only
     betas: tuple[float, float] = checked((0.9, 0.999), Limits(low=0, high=1, high_open=True))  # Adam/AdamW only
+    options: dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.define
 class Schedule:
-    name: Literal["cosine", "constant"] = "cosine"
+    """A registered learning-rate schedule (built-ins: cosine, constant); any other key is the
+    schedule factory's own option."""
+
+    name: str = "cosine"
     warmup_epochs: float = checked(0.0, NON_NEGATIVE)
     min_lr_ratio: float = checked(0.0, FRACTION)
+    options: dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -422,7 +432,7 @@ def _structure(cls: type, data: Any, path: str, problems: Problems) -> Any:
         return None
     fields = {f.name: f for f in attrs.fields(cls) if f.name != "source"}
     data = dict(data)
-    if cls is Data:  # the dataset's own options sit beside the core's keys
+    if cls in (Data, Optimizer, Schedule):  # the component's own options sit beside the core's keys
         core = {k for k in fields if k != "options"}
         options = {k: data.pop(k) for k in list(data) if k not in core}
         data["options"] = options
@@ -533,8 +543,8 @@ def _unstructure(obj: Any) -> Any:
         return {"name": obj.name, **_unstructure(obj.options)}
     if isinstance(obj, Head):
         return {"name": obj.component.name, "weight": obj.weight, **_unstructure(obj.component.options)}
-    if isinstance(obj, Data):
-        out = {f.name: _unstructure(getattr(obj, f.name)) for f in attrs.fields(Data) if f.name != "options"}
+    if isinstance(obj, (Data, Optimizer, Schedule)):
+        out = {f.name: _unstructure(getattr(obj, f.name)) for f in attrs.fields(type(obj)) if f.name != "options"}
         return {**out, **_unstructure(obj.options)}
     if isinstance(obj, Stage):
         return {f.name: _unstructure(getattr(obj, f.name)) for f in attrs.fields(Stage) if f.name != "name"}
@@ -555,12 +565,18 @@ def _unstructure(obj: Any) -> Any:
 def iter_components(recipe: Recipe):
     """Yield ``(kind, recipe path, Component)`` for every component the recipe names."""
     yield "datasets", "data", Component(recipe.data.name, recipe.data.options)
+    yield "optimizers", "optimizer", Component(recipe.optimizer.name, recipe.optimizer.options)
+    yield "schedules", "schedule", Component(recipe.schedule.name, recipe.schedule.options)
     if recipe.model.encoder is not None:
         yield "encoders", "model.encoder", recipe.model.encoder
     for stage in recipe.stages.values():
         base = f"stages.{stage.name}"
         if stage.data is not None:
             yield "datasets", f"{base}.data", Component(stage.data.name, stage.data.options)
+        if stage.optimizer is not None:
+            yield "optimizers", f"{base}.optimizer", Component(stage.optimizer.name, stage.optimizer.options)
+        if stage.schedule is not None:
+            yield "schedules", f"{base}.schedule", Component(stage.schedule.name, stage.schedule.options)
         for head_name, head in stage.heads.items():
             yield "heads", f"{base}.heads.{head_name}", head.component
         if stage.objective is not None:
@@ -573,10 +589,12 @@ def iter_components(recipe: Recipe):
 
 def _bind_components(recipe: Recipe, registry: Registry, problems: Problems) -> None:
     for kind, path, component in iter_components(recipe):
+        if not isinstance(component.name, str):
+            continue  # a name of the wrong type: already reported by the schema check
         try:
             registered = registry.get(kind, component.name)
         except KeyError as exc:
-            problems.add(path if kind != "datasets" else f"{path}.name", exc.args[0])
+            problems.add(path if kind not in ("datasets", "optimizers", "schedules") else f"{path}.name", exc.args[0])
             continue
         bound = bind_options(registered.factory, component.options, path, problems, injected=INJECTED[kind])
         component.options.clear()  # in place: a data block's Component shares its options dict

@@ -39,7 +39,7 @@ MALFORMED = [
      "model.encoder.width: expected an integer, got 'wide'"),
     ("unknown encoder option", lambda r: r["model"]["encoder"].update(depth=3), "model.encoder.depth: unknown option. Options: in_channels, width, weights"),
     ("optimizer not offered", lambda r: r["optimizer"].update(name="adamm"),
-     "optimizer.name: expected one of 'sgd', 'adam', 'adamw', got 'adamm'; did you mean"),
+     "optimizer.name: optimizer 'adamm' is not registered; did you mean 'adam'?"),
     ("stage without kind", lambda r: r["stages"]["train"].pop("kind"), "stages.train.kind: is required"),
     ("stage kind misspelled", lambda r: r["stages"]["train"].update(kind="trian"),
      "stages.train.kind: expected one of 'train', 'pretrain', 'evaluate', got 'trian'; did you mean 'train'?"),

@@ -1,0 +1,69 @@
+"""corex_optim: the built-in optimizers and learning-rate schedules.
+
+Recipe keys ``optimizer`` and ``schedule`` (top level, or per stage) name one of these, or one a
+plugin registers through ``corex_optimizers`` / ``corex_schedules`` (LARS, a one-cycle schedule ...).
+
+* optimizers ``sgd`` (with momentum), ``adam``, ``adamw``: the core hands over ``param_groups``
+  (weights with ``weight_decay``, biases and normalisation weights without: decay only fights
+  their scale) and the recipe's ``lr``, ``weight_decay``, ``momentum`` and ``betas``;
+* schedules ``cosine`` (linear warm-up, then cosine decay to ``min_lr_ratio`` of the learning rate)
+  and ``constant`` (warm-up, then flat), stepped after every optimisation step; the core hands over
+  the ``optimizer``, ``steps_per_epoch``, ``epochs``, ``warmup_epochs`` and ``min_lr_ratio``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from corex import hookimpl
+
+
+def sgd(param_groups: list[dict[str, Any]], lr: float, momentum: float, nesterov: bool = False) -> torch.optim.Optimizer:
+    return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+
+
+def adam(param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(param_groups, lr=lr, betas=tuple(betas))
+
+
+def adamw(param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas))
+
+
+def _warmup_then(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float, after) -> torch.optim.lr_scheduler.LambdaLR:
+    total = max(1, steps_per_epoch * epochs)
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return after(min(1.0, (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def cosine(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float, min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay from the learning rate to ``min_lr_ratio`` of it."""
+    return _warmup_then(optimizer, steps_per_epoch, epochs, warmup_epochs,
+                        lambda progress: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def constant(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then the learning rate as it is."""
+    return _warmup_then(optimizer, steps_per_epoch, epochs, warmup_epochs, lambda progress: 1.0)
+
+
+@hookimpl
+def corex_optimizers():
+    return {"sgd": sgd, "adam": adam, "adamw": adamw}
+
+
+@hookimpl
+def corex_schedules():
+    return {"cosine": cosine, "constant": constant}
+
+
+__all__ = ["adam", "adamw", "constant", "corex_optimizers", "corex_schedules", "cosine", "sgd"]
