@@ -8,7 +8,6 @@ runs. Writing goes through :func:`corex.rundir.save_torch` (atomic, full-disk aw
 from __future__ import annotations
 
 import pickle
-import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,8 @@ def load_file(path: Path, where: str, map_location: Any = "cpu") -> Any:
                 "by corex (or was changed since). Use only files whose origin you trust and that corex wrote."
             ) from None
         raise CorexError(f"{where}: '{path}' is damaged or not a torch file ({_first_line(exc)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- on a file that is not torch's, torch.load raises whatever its parser hits
+        # (RuntimeError, EOFError, KeyError, IndexError ...): the file is the problem, not corex.
         raise CorexError(f"{where}: '{path}' is damaged or not a torch file: it may have been cut short ({_first_line(exc)})") from None
 
 

@@ -774,9 +774,9 @@ class Runner:
         # Decode (or find cached) every image now: a file that only fails when decoded is
         # reported before training, and listed in skipped.json under on_bad_sample: skip.
         description = self._describe(self.source, "data")
-        if not self.main:
-            for source in self.stage_sources.values():
-                self._describe(source, "stage")
+        if not self.main:  # rank 0 wrote the report; the others only find their caches
+            for name, source in self.stage_sources.items():
+                self._describe(source, f"stages.{name}.data")
             return
         description["class_names"] = list(self.source.class_names)
         if self.stage_sources:

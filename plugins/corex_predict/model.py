@@ -37,16 +37,10 @@ WEIGHT_OPTIONS = ("weights",)
 
 
 def read_torch_file(path: Path, where: str = "model") -> Any:
-    """``torch.load(path, weights_only=True)`` through :func:`corex.checkpoints.load_file`, with
-    every failure as a :class:`CorexError` naming the file. A file carrying pickled objects (a
-    class, a function) is refused before any of them is built."""
-    try:
-        return load_file(Path(path), where)
-    except CorexError:
-        raise
-    except Exception as exc:  # torch raises even KeyError on some junk files
-        text = str(exc).strip().splitlines()
-        raise CorexError(f"{where}: '{path}' is damaged or not a torch file ({type(exc).__name__}: {text[0][:160] if text else ''})") from None
+    """``torch.load(path, weights_only=True)`` through :func:`corex.checkpoints.load_file`: every
+    failure is a :class:`CorexError` naming the file, and a file carrying pickled objects (a class,
+    a function) is refused before any of them is built."""
+    return load_file(Path(path), where)
 
 
 def plain(value: Any) -> Any:

@@ -82,3 +82,18 @@ def test_sync_batchnorm_on_the_cpu_is_refused_with_the_reason(tiny_recipe, tmp_p
     tiny_recipe["device"] = "cpu"
     with pytest.raises(CorexError, match="model.sync_batchnorm: torch's SyncBatchNorm runs only on CUDA devices"):
         corex.run(corex.load_recipe(tiny_recipe), out=tmp_path / "run", progress=False)
+
+
+@pytest.mark.slow
+def test_two_processes_pretrain_on_a_stage_of_its_own_data(tmp_path):
+    from .test_stage_data import _recipe, _unlabelled_folder
+
+    _unlabelled_folder(tmp_path / "corpus")
+    path = tmp_path / "external.yaml"
+    path.write_text(yaml.safe_dump(_recipe(tmp_path), sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "corex", "run", str(path), "--out", str(tmp_path / "run"), "--nproc", "2"],
+                          env={**os.environ, "COREX_PROGRESS": "off"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert data["stages"]["pretrain"]["train"]["images"] == 40
+    assert [json.loads(line)["processes"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [2, 2]
