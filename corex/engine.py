@@ -531,7 +531,8 @@ class Runner:
         self.source = distributed.main_first(lambda: build_data(self.recipe, self.registry))
         self.class_names = list(self.source.class_names)
         self.stage_sources = distributed.main_first(lambda: build_stage_data(self.recipe, self.source, self.registry))
-        self.model = check_components(self.recipe, self.source, self.registry, self.stage_sources)
+        # Rank 0 first here too: an objective's check reads its split's size, which may decode a cache.
+        self.model = distributed.main_first(lambda: check_components(self.recipe, self.source, self.registry, self.stage_sources))
         if self.recipe.model.sync_batchnorm:
             if self.device.type != "cuda":
                 raise CorexError(f"model.sync_batchnorm: torch's SyncBatchNorm runs only on CUDA devices, and this run is on "
