@@ -145,8 +145,17 @@ def type_hints(factory: Callable[..., Any]) -> dict[str, Any]:
     target = factory.__init__ if inspect.isclass(factory) else factory
     try:
         return typing.get_type_hints(target, include_extras=True)
-    except Exception:  # an annotation naming something only imported under TYPE_CHECKING
-        return {}
+    except Exception:  # one annotation names something imported only under TYPE_CHECKING (torch.optim.Optimizer)
+        pass
+    # Resolve the others one by one, as get_type_hints would: a light factory's options stay checked without torch.
+    namespace = getattr(target, "__globals__", {})
+    hints = {}
+    for name, annotation in getattr(target, "__annotations__", {}).items():
+        try:
+            hints[name] = eval(annotation, dict(namespace)) if isinstance(annotation, str) else annotation  # noqa: S307
+        except Exception:
+            continue
+    return hints
 
 
 def bind_options(

@@ -255,7 +255,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     blocks = [("data", None)] + [(f"stages.{s.name}.data", s) for s in recipe.stages.values() if s.data is not None]
     for where, stage in blocks:
         source = build_data(recipe, registry, stage)
-        if hasattr(source, "prepare"):
+        from corex.interfaces import Preparable
+
+        if isinstance(source, Preparable):
             source.prepare()
         else:
             print(f"{where}: this data set has nothing to prepare", file=sys.stderr)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from corex import checkpoints, contract, distributed, rundir
+from corex.interfaces import Calibrated, EpochEndHook, HasIntervals, NeedsModel, Preparable, SavesArtefacts
 from corex.binding import accepted_injections
 from corex.context import RunContext
 from corex.errors import CorexError, RecipeError, RunFailure
@@ -789,7 +790,7 @@ class Runner:
             log(f"data: skipped {len(skipped)} bad samples (on_bad_sample: skip); the list is in {self.out / 'skipped.json'}")
 
     def _describe(self, source: Any, where: str) -> dict[str, Any]:
-        if hasattr(source, "prepare"):
+        if isinstance(source, Preparable):
             source.prepare()
         description = dict(source.describe())
         if getattr(source, "normalization", None) is not None:
@@ -898,7 +899,7 @@ class Runner:
             row, fixed_batch = self._train_epoch(loop, epoch, label_fraction, fixed_batch, resume_at if epoch == start_epoch else None)
             if val_loader is not None:  # every rank predicts its share, rank 0 scores and decides; the others learn the outcome
                 best = loop.best = distributed.broadcast(self._validate(loop, epoch, row, best, ckpt_dir))
-            if objective is not None and hasattr(objective, "on_epoch_end") and fixed_batch is not None and self.main:
+            if objective is not None and isinstance(objective, EpochEndHook) and fixed_batch is not None and self.main:
                 (self.out / stage.name).mkdir(parents=True, exist_ok=True)
                 objective.eval()
                 with torch.no_grad():
@@ -1206,7 +1207,7 @@ def _to_cpu(values: Mapping[str, Any]) -> dict[str, Any]:
 def _feed(evaluators: list[tuple[str, Any]], method: str, batch: dict[str, Any], outputs: Mapping[str, Tensor], model: CorexModel, heads: list[str]) -> None:
     for path, evaluator in evaluators:
         try:
-            if method == "update" and getattr(evaluator, "needs_model", False):  # e.g. saliency: gradients through the model
+            if method == "update" and isinstance(evaluator, NeedsModel) and evaluator.needs_model:  # e.g. saliency: gradients through the model
                 evaluator.update(batch, outputs, model=model)
             else:
                 getattr(evaluator, method)(batch, outputs)
@@ -1235,7 +1236,7 @@ def evaluate_split(model: CorexModel, source: Any, recipe: Recipe, stage: Stage,
                            num_workers=recipe.stage_data(stage).num_workers, device=device,
                            rank=distributed.rank() if shard else 0, world=distributed.world_size() if shard else 1)
 
-    calibrated = [(path, e) for path, e in evaluators if hasattr(e, "calibration_update")]
+    calibrated = [(path, e) for path, e in evaluators if isinstance(e, Calibrated)]
     if calibrated and split != "val" and distributed.is_main():  # the scores are gathered on rank 0: so is calibration
         data = recipe.stage_data(stage)
         fraction = data.label_fraction if data.reduce_val else 1.0
@@ -1313,9 +1314,9 @@ def evaluate_loader(
             if key in metrics:
                 raise CorexError(f"{path}: metric '{key}' is also produced by another evaluator of this stage; give it another name")
             metrics[key] = value if isinstance(value, int) and not isinstance(value, bool) else float(value)
-        if hasattr(evaluator, "intervals"):
+        if isinstance(evaluator, HasIntervals):
             intervals.update(evaluator.intervals())
-        if artefacts is not None and hasattr(evaluator, "save"):
+        if artefacts is not None and isinstance(evaluator, SavesArtefacts):
             artefacts.mkdir(parents=True, exist_ok=True)
             evaluator.save(artefacts)
     return metrics, intervals

@@ -6,7 +6,12 @@ Two families:
   name to factory. The core owns the lookup: an unknown name gets a did-you-mean error, and two
   plugins claiming one name is an error naming both. A factory is an ordinary typed callable; the
   recipe's options are bound to its signature (and checked against its annotations) before any
-  work starts. The interfaces the built objects satisfy are in :mod:`corex.interfaces`.
+  work starts. The interfaces the built objects satisfy are in :mod:`corex.interfaces`, with one
+  factory type per hook (``EncoderFactory`` returns an ``Encoder``, ...).
+  Registering must stay light: ``corex --help``, ``corex plugins`` and ``corex validate --no-build``
+  load every plugin and read the factories' signatures without building anything, so a factory is
+  a typed function in a module that does not import torch, and imports its implementation when
+  called (see ``plugins/corex_moco/__init__.py``).
 * Observer hooks (``corex_run_start`` ... ``corex_run_end``) are called with keyword arguments;
   every implementation runs and return values are ignored. Use them for loggers and custom studies.
 
@@ -23,18 +28,21 @@ from typing import Any
 import pluggy
 
 from corex.context import RunContext
+from corex.interfaces import (AugmentationFactory, DataSourceFactory, EncoderFactory, EvaluatorFactory, HeadFactory,
+                              ObjectiveFactory)
 
 PROJECT = "corex"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-Factory = Callable[..., Any]
+OptimizerFactory = Callable[..., Any]  # returns a torch.optim.Optimizer
+ScheduleFactory = Callable[..., Any]  # returns a torch.optim.lr_scheduler.LRScheduler
 
 # -- registration ---------------------------------------------------------------------------------
 
 
 @hookspec
-def corex_encoders() -> Mapping[str, Factory]:
+def corex_encoders() -> Mapping[str, EncoderFactory]:
     """Name encoder factories.
 
     Called once when the registry is first needed. Each factory returns an
@@ -44,7 +52,7 @@ def corex_encoders() -> Mapping[str, Factory]:
 
 
 @hookspec
-def corex_objectives() -> Mapping[str, Factory]:
+def corex_objectives() -> Mapping[str, ObjectiveFactory]:
     """Name self-supervised objective factories.
 
     Each factory returns an :class:`~corex.interfaces.Objective`. The core passes the shared
@@ -54,7 +62,7 @@ def corex_objectives() -> Mapping[str, Factory]:
 
 
 @hookspec
-def corex_heads() -> Mapping[str, Factory]:
+def corex_heads() -> Mapping[str, HeadFactory]:
     """Name task-head factories.
 
     Each factory returns a :class:`~corex.interfaces.Head`. The core passes the encoder's
@@ -64,7 +72,7 @@ def corex_heads() -> Mapping[str, Factory]:
 
 
 @hookspec
-def corex_evaluators() -> Mapping[str, Factory]:
+def corex_evaluators() -> Mapping[str, EvaluatorFactory]:
     """Name evaluator factories.
 
     Each factory returns an :class:`~corex.interfaces.Evaluator` (streaming ``update`` /
@@ -74,7 +82,7 @@ def corex_evaluators() -> Mapping[str, Factory]:
 
 
 @hookspec
-def corex_augmentations() -> Mapping[str, Factory]:
+def corex_augmentations() -> Mapping[str, AugmentationFactory]:
     """Name batch-augmentation factories.
 
     Each factory returns an :class:`~corex.interfaces.Augmentation` that transforms a batch on the
@@ -83,7 +91,7 @@ def corex_augmentations() -> Mapping[str, Factory]:
 
 
 @hookspec
-def corex_datasets() -> Mapping[str, Factory]:
+def corex_datasets() -> Mapping[str, DataSourceFactory]:
     """Name dataset factories.
 
     Each factory returns a :class:`~corex.interfaces.DataSource`. The core passes ``image_size``,
@@ -92,7 +100,7 @@ def corex_datasets() -> Mapping[str, Factory]:
 
 
 @hookspec
-def corex_optimizers() -> Mapping[str, Factory]:
+def corex_optimizers() -> Mapping[str, OptimizerFactory]:
     """Name optimizer factories.
 
     Each factory returns a ``torch.optim.Optimizer``. The core passes ``param_groups`` (weights
@@ -104,7 +112,7 @@ def corex_optimizers() -> Mapping[str, Factory]:
 
 
 @hookspec
-def corex_schedules() -> Mapping[str, Factory]:
+def corex_schedules() -> Mapping[str, ScheduleFactory]:
     """Name learning-rate schedule factories.
 
     Each factory returns a ``torch.optim.lr_scheduler.LRScheduler`` that the engine steps after

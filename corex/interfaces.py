@@ -20,12 +20,24 @@ A batch is a ``dict``:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, runtime_checkable
 
-from torch import Tensor
-from torch.utils.data import Dataset
+if TYPE_CHECKING:  # annotations only: `corex --help` and `corex plugins` must not import torch
+    from torch import Tensor
+    from torch.utils.data import Dataset
 
-Batch = dict[str, Any]
+
+class Batch(TypedDict, total=False):
+    """The keys documented above; a plugin may add its own (augmentations pass them through)."""
+
+    image: Tensor
+    label: Tensor
+    mask: Tensor
+    has_mask: Tensor
+    study_id: list[str]
+    image_id: list[str]
+    patient_id: list[str]
 
 
 @runtime_checkable
@@ -141,4 +153,61 @@ class DataSource(Protocol):
     def skipped(self) -> list[dict[str, Any]]: ...
 
 
-__all__ = ["Augmentation", "Batch", "DataSource", "Encoder", "Evaluator", "Head", "Objective"]
+# Optional members: the core calls them only on components that have them.
+
+
+@runtime_checkable
+class EpochEndHook(Protocol):
+    """An objective that writes artefacts after each epoch from a fixed batch (MoCo's views, inpainting's fills)."""
+
+    def on_epoch_end(self, epoch: int, batch: Batch, out_dir: Path) -> None: ...
+
+
+@runtime_checkable
+class HasIntervals(Protocol):
+    """An evaluator that gives confidence intervals ``{metric: (low, high)}`` for its metrics."""
+
+    def intervals(self) -> dict[str, tuple[float, float]]: ...
+
+
+@runtime_checkable
+class SavesArtefacts(Protocol):
+    """An evaluator that writes plots, tables or per-sample predictions into its stage's folder."""
+
+    def save(self, out_dir: Path) -> None: ...
+
+
+@runtime_checkable
+class NeedsModel(Protocol):
+    """An evaluator that looks inside the model (saliency); it is called as ``update(batch, outputs, model=model)``
+    when ``needs_model`` is true."""
+
+    needs_model: bool
+
+
+@runtime_checkable
+class Calibrated(Protocol):
+    """An evaluator fitted on the validation split before it evaluates (temperature scaling): the engine streams the
+    validation split through ``calibration_update`` first."""
+
+    def calibration_update(self, batch: Batch, outputs: Mapping[str, Tensor]) -> None: ...
+
+
+@runtime_checkable
+class Preparable(Protocol):
+    """A data source that can build its caches ahead of time (``corex data prepare``)."""
+
+    def prepare(self) -> None: ...
+
+
+# What a factory registered through each hook returns (see corex.hookspecs).
+EncoderFactory = Callable[..., Encoder]
+HeadFactory = Callable[..., Head]
+ObjectiveFactory = Callable[..., Objective]
+EvaluatorFactory = Callable[..., Evaluator]
+AugmentationFactory = Callable[..., Augmentation]
+DataSourceFactory = Callable[..., DataSource]
+
+__all__ = ["Augmentation", "AugmentationFactory", "Batch", "Calibrated", "DataSource", "DataSourceFactory", "Encoder",
+           "EncoderFactory", "EpochEndHook", "Evaluator", "EvaluatorFactory", "HasIntervals", "Head", "HeadFactory",
+           "NeedsModel", "Objective", "ObjectiveFactory", "Preparable", "SavesArtefacts"]

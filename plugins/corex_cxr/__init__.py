@@ -7,25 +7,79 @@ patient-grouped, stratified splits; intensities are float32 in ``[0, 1]``, 0 = a
 =========  ==============================  =====================================================
 name       factory                         data
 =========  ==============================  =====================================================
-siim       :class:`~corex_cxr.siim.SiimSource`       the competition's DICOMs and CSVs under ``root``
-folder     :class:`~corex_cxr.folder.FolderSource`   PNG/JPEG/DICOM files plus a CSV of labels
-phantom    :func:`phantom_source`                 synthetic radiographs written in the SIIM layout
+siim       :func:`siim_source`             the competition's DICOMs and CSVs under ``root``
+                                           (:class:`~corex_cxr.siim.SiimSource`)
+folder     :func:`folder_source`           PNG/JPEG/DICOM files plus a CSV of labels
+                                           (:class:`~corex_cxr.folder.FolderSource`)
+phantom    :func:`phantom_source`          synthetic radiographs written in the SIIM layout
+                                           (:func:`~corex_cxr.phantom.phantom_siim_source`)
 =========  ==============================  =====================================================
+
+This module imports no torch, numpy or pydicom: ``corex --help`` and ``corex plugins`` load it to
+read the factories' signatures, and each factory imports its implementation when a run builds it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from corex import hookimpl
+from corex.interfaces import DataSource
+from corex.lazy import lazy_exports
+from corex_cxr.cli import corex_cli
 from corex_cxr.errors import DataError
-from corex_cxr.folder import FolderSource
-from corex_cxr.phantom import corex_cli, write_siim_phantom
-from corex_cxr.siim import SiimSource
-from corex_cxr.source import CLASS_NAMES, BadSamplePolicy, CxrSource, Sample, check_source_options
-from corex_cxr.splits import check_split_options
+from corex_cxr.options import CLASS_NAMES, BadSamplePolicy
+
+
+def siim_source(
+    *,
+    root: Path,
+    image_size: int,
+    seed: int = 0,
+    cache_dir: Path,
+    on_bad_sample: BadSamplePolicy = "error",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    folds: int = 0,
+    fold: int = 0,
+    workers: int = 0,
+) -> DataSource:
+    """The SIIM-FISABIO-RSNA data under ``root`` (see :class:`corex_cxr.siim.SiimSource`)."""
+    from corex_cxr.siim import SiimSource
+
+    return SiimSource(root=root, image_size=image_size, seed=seed, cache_dir=cache_dir, on_bad_sample=on_bad_sample,
+                      val_fraction=val_fraction, test_fraction=test_fraction, folds=folds, fold=fold, workers=workers)
+
+
+def folder_source(
+    *,
+    root: Path,
+    csv: Path | None = None,
+    image_size: int,
+    seed: int = 0,
+    cache_dir: Path,
+    image_column: str = "path",
+    label_column: str = "label",
+    classes: list[str] | None = None,
+    box_columns: list[str] | None = None,
+    boxes_column: str | None = None,
+    study_column: str | None = None,
+    patient_column: str | None = None,
+    on_bad_sample: BadSamplePolicy = "error",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    folds: int = 0,
+    fold: int = 0,
+    workers: int = 0,
+) -> DataSource:
+    """Image files plus a CSV of labels (see :class:`corex_cxr.folder.FolderSource`)."""
+    from corex_cxr.folder import FolderSource
+
+    return FolderSource(root=root, csv=csv, image_size=image_size, seed=seed, cache_dir=cache_dir,
+                        image_column=image_column, label_column=label_column, classes=classes,
+                        box_columns=box_columns, boxes_column=boxes_column, study_column=study_column,
+                        patient_column=patient_column, on_bad_sample=on_bad_sample, val_fraction=val_fraction,
+                        test_fraction=test_fraction, folds=folds, fold=fold, workers=workers)
 
 
 def phantom_source(
@@ -43,44 +97,32 @@ def phantom_source(
     folds: int = 0,
     fold: int = 0,
     workers: int = 0,
-) -> SiimSource:
-    """The synthetic phantom (:mod:`corex_cxr.phantom`), read by the real SIIM loader.
+) -> DataSource:
+    """The synthetic phantom, written once and read by the SIIM loader (see
+    :func:`corex_cxr.phantom.phantom_siim_source`)."""
+    from corex_cxr.phantom import phantom_siim_source
 
-    Written once to ``cache_dir/phantom/<settings>`` and reused. ``size`` is the side of the
-    written DICOMs, by default ``2 * image_size`` so the loader really resizes.
-    """
-    # Checked before the (slow) writing, which they do not affect.
-    check_source_options(image_size=image_size, on_bad_sample=on_bad_sample, workers=workers)
-    check_split_options(val_fraction=val_fraction, test_fraction=test_fraction, folds=folds, fold=fold)
-    size = 2 * image_size if size is None else size
-    settings = {"studies": studies, "seed": seed, "size": size, "difficulty": difficulty, "label_noise": label_noise}
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    root = Path(cache_dir).expanduser() / "phantom" / f"{studies}studies-seed{seed}-{size}px-{digest}"
-    if not (root / "train_image_level.csv").is_file():
-        write_siim_phantom(
-            root, studies=studies, seed=seed, size=size, difficulty=difficulty, label_noise=label_noise
-        )
-    return SiimSource(
-        root=root,
-        image_size=image_size,
-        seed=seed,
-        cache_dir=cache_dir,
-        on_bad_sample=on_bad_sample,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        folds=folds,
-        fold=fold,
-        workers=workers,
-    )
+    return phantom_siim_source(image_size=image_size, seed=seed, cache_dir=cache_dir, studies=studies,
+                               difficulty=difficulty, label_noise=label_noise, size=size, on_bad_sample=on_bad_sample,
+                               val_fraction=val_fraction, test_fraction=test_fraction, folds=folds, fold=fold,
+                               workers=workers)
 
 
 @hookimpl
 def corex_datasets():
-    return {"siim": SiimSource, "folder": FolderSource, "phantom": phantom_source}
+    return {"siim": siim_source, "folder": folder_source, "phantom": phantom_source}
 
 
+__getattr__ = lazy_exports(__name__, {
+    "CxrSource": "corex_cxr.source",
+    "Sample": "corex_cxr.source",
+    "SiimSource": "corex_cxr.siim",
+    "FolderSource": "corex_cxr.folder",
+    "write_siim_phantom": "corex_cxr.phantom",
+})
 __all__ = [
     "CLASS_NAMES",
+    "BadSamplePolicy",
     "CxrSource",
     "DataError",
     "FolderSource",
@@ -88,5 +130,8 @@ __all__ = [
     "SiimSource",
     "corex_cli",
     "corex_datasets",
+    "folder_source",
     "phantom_source",
+    "siim_source",
+    "write_siim_phantom",
 ]

@@ -22,17 +22,17 @@ typical, indeterminate and atypical become genuinely hard to tell apart, as on t
     OUT/train_image_level.csv   id,boxes,label,StudyInstanceUID
     OUT/phantom.json            the generator's settings and the true class of relabelled studies
 
-From the command line: ``corex data phantom OUT --studies 200 --seed 0``.
+From the command line: ``corex data phantom OUT --studies 200 --seed 0`` (:mod:`corex_cxr.cli`).
+As a recipe's data source: ``phantom`` (:func:`phantom_siim_source`).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import hashlib
 import json
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,9 +48,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from corex import hookimpl
 from corex.progress import progress as progress_bar
 from corex_cxr.anatomy import Pose, Thorax, blob, blur, draw_thorax, ramp, smooth_noise, superellipse
+from corex_cxr.options import BadSamplePolicy
 
 CLASS_COLUMNS = (
     "Negative for Pneumonia",
@@ -530,40 +530,54 @@ def _check_balance(class_balance: Sequence[float] | None) -> np.ndarray:
 # -- command line ----------------------------------------------------------------------------------
 
 
-@hookimpl
-def corex_cli(data_commands: argparse._SubParsersAction) -> None:
-    """Add ``corex data phantom OUT --studies N [--seed S] [--size PX] [--difficulty D]
-    [--label-noise P]``."""
-    parser = data_commands.add_parser(
-        "phantom",
-        help="write a synthetic chest X-ray data set in the SIIM-FISABIO-RSNA layout",
-        description="Write synthetic chest radiographs (DICOM) with study-level labels and opacity "
-        "boxes in the SIIM-FISABIO-RSNA COVID-19 layout, readable by the SIIM loader.",
-    )
-    parser.add_argument("out", type=Path, help="folder to create (must not exist or be empty)")
-    parser.add_argument("--studies", type=int, required=True, help="number of studies")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    parser.add_argument(
-        "--difficulty", type=float, default=0.5,
-        help="0 = strong canonical findings, 1 = faint, overlapping findings (default 0.5)",
-    )
-    parser.add_argument(
-        "--label-noise", type=float, default=0.0,
-        help="fraction of studies relabelled to a random other class (default 0)",
-    )
-    parser.set_defaults(handler=_run)
+# -- as a data source ------------------------------------------------------------------------------
 
 
-def _run(args: argparse.Namespace) -> int:
-    try:
-        out = write_siim_phantom(
-            args.out, studies=args.studies, seed=args.seed, size=args.size,
-            difficulty=args.difficulty, label_noise=args.label_noise,
+def phantom_siim_source(
+    *,
+    image_size: int,
+    seed: int = 0,
+    cache_dir: Path,
+    studies: int = 400,
+    difficulty: float = 0.5,
+    label_noise: float = 0.0,
+    size: int | None = None,
+    on_bad_sample: BadSamplePolicy = "error",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    folds: int = 0,
+    fold: int = 0,
+    workers: int = 0,
+):
+    """The phantom written once to ``cache_dir/phantom/<settings>``, read by the real SIIM loader.
+
+    ``size`` is the side of the written DICOMs, by default ``2 * image_size`` so the loader
+    really resizes. The recipe's ``phantom`` source (:func:`corex_cxr.phantom_source`).
+    """
+    from corex_cxr.siim import SiimSource  # imports torch (the cache); `corex data phantom` needs none
+    from corex_cxr.source import check_source_options
+    from corex_cxr.splits import check_split_options
+
+    # Checked before the (slow) writing, which they do not affect.
+    check_source_options(image_size=image_size, on_bad_sample=on_bad_sample, workers=workers)
+    check_split_options(val_fraction=val_fraction, test_fraction=test_fraction, folds=folds, fold=fold)
+    size = 2 * image_size if size is None else size
+    settings = {"studies": studies, "seed": seed, "size": size, "difficulty": difficulty, "label_noise": label_noise}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    root = Path(cache_dir).expanduser() / "phantom" / f"{studies}studies-seed{seed}-{size}px-{digest}"
+    if not (root / "train_image_level.csv").is_file():
+        write_siim_phantom(
+            root, studies=studies, seed=seed, size=size, difficulty=difficulty, label_noise=label_noise
         )
-    except (ValueError, FileExistsError) as error:
-        print(f"corex data phantom: error: {error}", file=sys.stderr)
-        return 2
-    manifest = json.loads((out / "phantom.json").read_text())
-    print(f"wrote {manifest['studies']} studies ({manifest['images']} images) to {out}")
-    return 0
+    return SiimSource(
+        root=root,
+        image_size=image_size,
+        seed=seed,
+        cache_dir=cache_dir,
+        on_bad_sample=on_bad_sample,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        folds=folds,
+        fold=fold,
+        workers=workers,
+    )

@@ -24,18 +24,17 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from corex.rundir import write_json
 from corex_cxr.cache import RESIZE, CachedImages, CachedItem, CacheBuild, Decoder, build_cache, cache_settings, cached_errors
 from corex_cxr.dicom import PERCENTILES, Box, transform_boxes
 from corex_cxr.errors import DataError
 from corex_cxr.images import read_image
+from corex_cxr.options import CLASS_NAMES, BadSamplePolicy
 from corex_cxr.splits import SPLITS, assign_splits, check_split_options, label_subset, patient_stratum
 
-CLASS_NAMES = ("negative", "typical", "indeterminate", "atypical")
 MAX_IMAGE_SIZE = 4096  # the recipe's own limit too (corex.recipe.IMAGE_SIZES)
-BadSamplePolicy = Literal["error", "skip"]
 
 
 @dataclass(frozen=True)

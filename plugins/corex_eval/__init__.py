@@ -15,24 +15,95 @@
 Building blocks other plugins may use: :mod:`corex_eval.average_precision` (VOC 2010 AP and
 ``study_map`` under bootstrap weightings), :mod:`corex_eval.bootstrap` (the patient-cluster
 bootstrap), :mod:`corex_eval.calibration` (temperature scaling, weighted ECE and Brier).
+
+This module imports no torch or torchmetrics: ``corex --help`` and ``corex plugins`` load it to
+read the factories' signatures, and each factory imports its evaluator when a run builds it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 from corex import hookimpl
-from corex_eval.average_precision import average_precision, study_map
-from corex_eval.classification import ClassificationEvaluator
-from corex_eval.localization import LocalizationEvaluator
-from corex_eval.segmentation import SegmentationEvaluator
+from corex.interfaces import Evaluator
+from corex.lazy import lazy_exports
+
+
+def classification_evaluator(
+    *,
+    class_names: Sequence[str],
+    head: str = "classification",
+    level: Literal["study", "image"] = "study",
+    bootstrap: int = 1000,
+    calibration_bins: int = 15,
+    seed: int = 0,
+    split: str = "test",
+) -> Evaluator:
+    """Classification metrics, calibration and figures (see :class:`corex_eval.classification.ClassificationEvaluator`)."""
+    from corex_eval.classification import ClassificationEvaluator
+
+    return ClassificationEvaluator(class_names=class_names, head=head, level=level, bootstrap=bootstrap,
+                                   calibration_bins=calibration_bins, seed=seed, split=split)
+
+
+def segmentation_evaluator(
+    *,
+    head: str = "segmentation",
+    threshold: float = 0.5,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+    split: str = "test",
+) -> Evaluator:
+    """Dice, IoU and false-positive area of the opacity masks (see :class:`corex_eval.segmentation.SegmentationEvaluator`)."""
+    from corex_eval.segmentation import SegmentationEvaluator
+
+    return SegmentationEvaluator(head=head, threshold=threshold, bootstrap=bootstrap, seed=seed,
+                                 class_names=class_names, split=split)
+
+
+def localization_evaluator(
+    *,
+    class_names: Sequence[str],
+    head: str = "classification",
+    level: int = -1,
+    max_examples: int = 8,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    split: str = "test",
+) -> Evaluator:
+    """Grad-CAM of the true class against the opacity masks (see :class:`corex_eval.localization.LocalizationEvaluator`)."""
+    from corex_eval.localization import LocalizationEvaluator
+
+    return LocalizationEvaluator(class_names=class_names, head=head, level=level, max_examples=max_examples,
+                                 bootstrap=bootstrap, seed=seed, split=split)
 
 
 @hookimpl
 def corex_evaluators():
     return {
-        "classification": ClassificationEvaluator,
-        "segmentation": SegmentationEvaluator,
-        "localization": LocalizationEvaluator,
+        "classification": classification_evaluator,
+        "segmentation": segmentation_evaluator,
+        "localization": localization_evaluator,
     }
 
 
-__all__ = ["ClassificationEvaluator", "LocalizationEvaluator", "SegmentationEvaluator", "average_precision", "corex_evaluators", "study_map"]
+__getattr__ = lazy_exports(__name__, {
+    "ClassificationEvaluator": "corex_eval.classification",
+    "SegmentationEvaluator": "corex_eval.segmentation",
+    "LocalizationEvaluator": "corex_eval.localization",
+    "average_precision": "corex_eval.average_precision",
+    "study_map": "corex_eval.average_precision",
+})
+__all__ = [
+    "ClassificationEvaluator",
+    "LocalizationEvaluator",
+    "SegmentationEvaluator",
+    "average_precision",
+    "classification_evaluator",
+    "corex_evaluators",
+    "localization_evaluator",
+    "segmentation_evaluator",
+    "study_map",
+]

@@ -10,17 +10,50 @@ Recipe::
     stages:
       pretrain:
         objective: {name: inpaint, policy: lungs, coverage: 0.25}
+
+This module imports no torch: ``corex --help`` and ``corex plugins`` load it to read the factory's
+signature, and :func:`inpaint_objective` imports the implementation when a run builds it.
 """
 
 from __future__ import annotations
 
-from corex import hookimpl
-from corex_inpaint.masks import lung_field_weights, random_masks
-from corex_inpaint.objective import Inpainting, masked_reconstruction_loss
+from collections.abc import Sequence
+from typing import Literal
 
-__all__ = ["Inpainting", "lung_field_weights", "masked_reconstruction_loss", "random_masks"]
+from corex import hookimpl
+from corex.interfaces import Encoder, Objective
+from corex.lazy import lazy_exports
+
+
+def inpaint_objective(
+    *,
+    encoder: Encoder,
+    channels: Sequence[int],
+    strides: Sequence[int],
+    policy: Literal["rectangles", "strokes", "lungs"] = "rectangles",
+    coverage: float = 0.25,
+    max_regions: int = 4,
+    fill: Literal["zero", "mean", "noise"] = "zero",
+    loss: Literal["l1", "l2"] = "l1",
+    visible_weight: float = 0.0,
+    decoder_width: int | None = None,
+) -> Objective:
+    """Inpainting-CXR on ``encoder`` (see :class:`corex_inpaint.objective.Inpainting` for what each option does)."""
+    from corex_inpaint.objective import Inpainting
+
+    return Inpainting(encoder=encoder, channels=channels, strides=strides, policy=policy, coverage=coverage,
+                      max_regions=max_regions, fill=fill, loss=loss, visible_weight=visible_weight, decoder_width=decoder_width)
 
 
 @hookimpl
 def corex_objectives():
-    return {"inpaint": Inpainting}
+    return {"inpaint": inpaint_objective}
+
+
+__getattr__ = lazy_exports(__name__, {
+    "Inpainting": "corex_inpaint.objective",
+    "masked_reconstruction_loss": "corex_inpaint.objective",
+    "lung_field_weights": "corex_inpaint.masks",
+    "random_masks": "corex_inpaint.masks",
+})
+__all__ = ["Inpainting", "inpaint_objective", "lung_field_weights", "masked_reconstruction_loss", "random_masks"]

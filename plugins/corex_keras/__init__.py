@@ -13,12 +13,39 @@ keras-core is optional (``pip install keras-core==0.1.7``) and imported only whe
 with ``KERAS_BACKEND=torch`` unless the environment already says otherwise, and with keras's home
 (where it writes keras.json) in corex's cache, ``$COREX_CACHE/keras`` (default
 ``~/.cache/corex/keras``), unless ``KERAS_HOME`` is set: corex leaves ``~/.keras`` alone.
+
+This module imports neither torch nor keras: ``corex --help`` and ``corex plugins`` load it to read
+the factories' signatures; each factory imports :mod:`corex_keras.encoder` when a run builds it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from corex import hookimpl
-from corex_keras.encoder import APPLICATIONS, KerasEncoder, keras_densenet121, keras_efficientnetb0, keras_resnet50
+from corex.interfaces import Encoder
+from corex.lazy import lazy_exports
+
+
+def keras_resnet50(*, in_channels: int = 1, weights: Path | None = None) -> Encoder:
+    """keras-core ResNet50 (see :func:`corex_keras.encoder.keras_resnet50`)."""
+    from corex_keras.encoder import keras_resnet50 as build
+
+    return build(in_channels=in_channels, weights=weights)
+
+
+def keras_densenet121(*, in_channels: int = 1, weights: Path | None = None) -> Encoder:
+    """keras-core DenseNet121 (see :func:`corex_keras.encoder.keras_densenet121`)."""
+    from corex_keras.encoder import keras_densenet121 as build
+
+    return build(in_channels=in_channels, weights=weights)
+
+
+def keras_efficientnetb0(*, in_channels: int = 1, weights: Path | None = None) -> Encoder:
+    """keras-core EfficientNetB0 (see :func:`corex_keras.encoder.keras_efficientnetb0`)."""
+    from corex_keras.encoder import keras_efficientnetb0 as build
+
+    return build(in_channels=in_channels, weights=weights)
 
 
 @hookimpl
@@ -30,4 +57,5 @@ def corex_encoders():
     }
 
 
+__getattr__ = lazy_exports(__name__, {"APPLICATIONS": "corex_keras.encoder", "KerasEncoder": "corex_keras.encoder"})
 __all__ = ["APPLICATIONS", "KerasEncoder", "keras_densenet121", "keras_efficientnetb0", "keras_resnet50"]

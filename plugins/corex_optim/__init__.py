@@ -9,33 +9,51 @@ plugin registers through ``corex_optimizers`` / ``corex_schedules`` (LARS, a one
 * schedules ``cosine`` (linear warm-up, then cosine decay to ``min_lr_ratio`` of the learning rate)
   and ``constant`` (warm-up, then flat), stepped after every optimisation step; the core hands over
   the ``optimizer``, ``steps_per_epoch``, ``epochs``, ``warmup_epochs`` and ``min_lr_ratio``.
+
+torch is imported inside the factories, not here: ``corex --help`` and ``corex plugins`` load this
+module to read the factories' signatures and build nothing.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import torch
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from corex import hookimpl
 
+if TYPE_CHECKING:
+    import torch
 
-def sgd(param_groups: list[dict[str, Any]], lr: float, momentum: float, nesterov: bool = False) -> torch.optim.Optimizer:
+
+def sgd(*, param_groups: list[dict[str, Any]], lr: float, momentum: float, nesterov: bool = False) -> torch.optim.Optimizer:
+    """SGD with momentum (and Nesterov's variant when ``nesterov`` and ``momentum > 0``)."""
+    import torch
+
     return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
 
 
-def adam(param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+def adam(*, param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """Adam (Kingma & Ba 2015); weight decay comes with each parameter group, as L2 in the gradient."""
+    import torch
+
     return torch.optim.Adam(param_groups, lr=lr, betas=tuple(betas))
 
 
-def adamw(param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+def adamw(*, param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019): weight decay decoupled from the gradient step."""
+    import torch
+
     return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas))
 
 
-def _warmup_then(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float, after) -> torch.optim.lr_scheduler.LambdaLR:
+def _warmup_then(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float,
+                 after: Callable[[float], float]) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_epochs``, then ``after(progress)`` with progress going 0 -> 1."""
+    import torch
+
     total = max(1, steps_per_epoch * epochs)
-    warmup = int(round(warmup_epochs * steps_per_epoch))
+    warmup = round(warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -45,13 +63,15 @@ def _warmup_then(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def cosine(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float, min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine(*, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float,
+           min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay from the learning rate to ``min_lr_ratio`` of it."""
     return _warmup_then(optimizer, steps_per_epoch, epochs, warmup_epochs,
                         lambda progress: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def constant(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float) -> torch.optim.lr_scheduler.LambdaLR:
+def constant(*, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int,
+             warmup_epochs: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then the learning rate as it is."""
     return _warmup_then(optimizer, steps_per_epoch, epochs, warmup_epochs, lambda progress: 1.0)
 

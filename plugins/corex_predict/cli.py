@@ -75,7 +75,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from corex_predict.model import load_model
-    from corex_predict.predict import predict, write_predictions
+    from corex_predict.prediction import predict, write_predictions
 
     model = load_model(args.model, stage=args.stage, device=args.device)
     predictions = predict(
@@ -106,7 +106,7 @@ def _print_table(predictions, limit: int = 20) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from corex_predict.evaluate import evaluate
+    from corex_predict.evaluation import evaluate
 
     names = [n.strip() for n in args.evaluators.split(",") if n.strip()] if args.evaluators else None
     results, folder = evaluate(

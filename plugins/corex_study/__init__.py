@@ -10,6 +10,9 @@
   report.json in the run directory (:func:`write_report`, findings in :mod:`corex_study.findings`).
 
 See docs/study.md.
+
+This module imports no numpy or torch: ``corex --help`` builds the commands' parsers from it, and
+the handlers and the ``corex_run_end`` hook import the implementation when they run.
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ import sys
 from pathlib import Path
 
 from corex import hookimpl
-from corex_study.compare import compare_runs, write_comparison
-from corex_study.report import write_report, write_study_report
+from corex.lazy import lazy_exports
 
 
 @hookimpl
@@ -29,6 +31,8 @@ def corex_run_end(run, results):
     if not any(stage.get("kind") == "evaluate" for stage in results.get("stages", {}).values()):
         return
     try:
+        from corex_study.report import write_report
+
         write_report(run.out)
     except Exception as exc:  # noqa: BLE001 -- the run itself succeeded; a report problem must not hide that
         print(f"corex_study: report.html not written ({type(exc).__name__}: {exc}); "
@@ -78,7 +82,8 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from corex_study.compare import markdown
+    from corex_study.compare import compare_runs, markdown, write_comparison
+    from corex_study.report import write_study_report
 
     comparison = compare_runs(args.paths, baseline=args.baseline, metric=args.metric, resamples=args.resamples)
     print(markdown(comparison))
@@ -94,4 +99,10 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+__getattr__ = lazy_exports(__name__, {
+    "compare_runs": "corex_study.compare",
+    "write_comparison": "corex_study.compare",
+    "write_report": "corex_study.report",
+    "write_study_report": "corex_study.report",
+})
 __all__ = ["compare_runs", "corex_cli", "corex_run_end", "write_comparison", "write_report", "write_study_report"]

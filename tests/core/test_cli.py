@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +74,30 @@ def test_help_shows_examples_and_every_command():
     for command in ("run", "validate", "plugins", "recipes", "export", "data"):
         assert command in result.stdout
     assert "examples:" in result.stdout and "corex run recipes/quickstart.yaml" in result.stdout
+
+
+# Loaded by torch and by nothing the light commands need; any one of them costs seconds at start-up.
+HEAVY = ("torch", "kornia", "torchmetrics", "numpy", "matplotlib", "scipy", "pydicom", "keras_core")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["plugins"], ["plugins", "--json"], ["recipes"], ["validate", "quickstart", "--no-build"],
+    ["validate", "phantom/moco_multitask", "--no-build", "--set", "stages.pretrain.objective.queue_size=128"],
+    ["study", "--help"], ["compare", "--help"], ["predict", "--help"], ["data", "phantom", "--help"],
+], ids=" ".join)
+def test_light_commands_import_no_torch(argv):
+    """`corex --help`, `corex plugins`, `corex recipes` and schema-only validation load every plugin (its
+    factories' signatures included) without torch: they answer in a fraction of a second, not 5 s."""
+    code = (
+        "import sys\n"
+        "from corex.cli import main\n"
+        f"try:\n    status = main({argv!r})\nexcept SystemExit as exit:\n    status = exit.code\n"
+        f"heavy = sorted(set({HEAVY!r}) & set(sys.modules))\n"
+        "assert status == 0, status\n"
+        "assert not heavy, f'imported {heavy}'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_recipes_lists_every_shipped_recipe_with_its_description(corex_cli):

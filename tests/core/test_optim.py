@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -62,7 +64,7 @@ def test_the_built_in_cosine_schedule_warms_up_then_decays_to_its_floor():
     from corex_optim import cosine
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = cosine(optimizer, steps_per_epoch=10, epochs=3, warmup_epochs=1, min_lr_ratio=0.1)
+    schedule = cosine(optimizer=optimizer, steps_per_epoch=10, epochs=3, warmup_epochs=1, min_lr_ratio=0.1)
     rates = []
     for _ in range(30):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -72,3 +74,42 @@ def test_the_built_in_cosine_schedule_warms_up_then_decays_to_its_floor():
     assert rates[10] == pytest.approx(1.0)  # the decay starts at the full rate
     assert rates[20] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # the floor after the last step
+
+
+def test_the_built_in_optimizers_pass_their_options_to_torch():
+    import corex_optim
+
+    groups = lambda: [{"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": 0.01}]
+    sgd = corex_optim.sgd(param_groups=groups(), lr=0.1, momentum=0.9, nesterov=True)
+    assert type(sgd) is torch.optim.SGD and (sgd.defaults["lr"], sgd.defaults["momentum"], sgd.defaults["nesterov"]) == (0.1, 0.9, True)
+    assert corex_optim.sgd(param_groups=groups(), lr=0.1, momentum=0.0, nesterov=True).defaults["nesterov"] is False
+    for name, kind in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        built = getattr(corex_optim, name)(param_groups=groups(), lr=0.002, betas=[0.8, 0.95])
+        assert type(built) is kind and built.defaults["betas"] == (0.8, 0.95)
+        assert built.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_the_constant_schedule_warms_up_then_stays_flat():
+    from corex_optim import constant
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    schedule = constant(optimizer=optimizer, steps_per_epoch=4, epochs=2, warmup_epochs=0.5)
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.25, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+
+
+def test_loading_the_plugin_imports_no_torch():
+    # What `corex --help` and `corex plugins` do: import, register, read signatures and annotations.
+    code = (
+        "import sys, inspect, corex_optim; from corex.binding import type_hints; "
+        "hints = [type_hints(f) for f in [*corex_optim.corex_optimizers().values(), *corex_optim.corex_schedules().values()]]; "
+        "[inspect.signature(f) for f in corex_optim.corex_optimizers().values()]; "
+        "assert all(h.get('lr', float) is float for h in hints) and hints[0]['momentum'] is float, hints; "
+        "heavy = {'torch', 'kornia', 'torchmetrics', 'numpy'} & set(sys.modules); assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

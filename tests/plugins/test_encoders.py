@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import corex_encoders
+import corex_encoders.densenet
+import corex_encoders.resnet
 from corex.interfaces import Encoder
 from corex_encoders import densenet121, resnet18, resnet34, resnet50
 
@@ -20,6 +25,25 @@ def n_params(model: torch.nn.Module) -> int:
 
 def test_hook_registers_every_encoder():
     assert corex_encoders.corex_encoders() == ENCODERS
+
+
+def test_loading_the_plugin_imports_no_torch():
+    # What `corex --help` and `corex plugins` do: import, register, read signatures and annotations.
+    code = (
+        "import sys, inspect, corex_encoders; from corex.binding import type_hints; "
+        "[(inspect.signature(f), type_hints(f)) for f in corex_encoders.corex_encoders().values()]; "
+        "heavy = {'torch', 'kornia', 'torchmetrics', 'numpy'} & set(sys.modules); assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_each_light_factory_has_its_implementations_options(name):
+    implementation = getattr(corex_encoders.resnet, name, None) or getattr(corex_encoders.densenet, name)
+    options = [(p.name, p.kind, p.default) for p in inspect.signature(ENCODERS[name]).parameters.values()]
+    assert options == [(p.name, p.kind, p.default) for p in inspect.signature(implementation).parameters.values()]
+    assert corex_encoders.ResNet is corex_encoders.resnet.ResNet and corex_encoders.DenseNet is corex_encoders.densenet.DenseNet
 
 
 @pytest.mark.parametrize("name", ENCODERS)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import math
+import subprocess
+import sys
 import time
 import warnings
 
@@ -66,10 +69,30 @@ def test_registered_through_the_hook_and_satisfies_the_protocol():
     manager.add_hookspecs(corex.hookspecs)
     manager.register(corex_eval)
     (evaluators,) = manager.hook.corex_evaluators()
-    assert evaluators["classification"] is ClassificationEvaluator
-    assert evaluators["segmentation"] is SegmentationEvaluator
+    assert evaluators["classification"] is corex_eval.classification_evaluator
+    assert evaluators["segmentation"] is corex_eval.segmentation_evaluator
+    assert isinstance(evaluators["classification"](class_names=CLASSES), ClassificationEvaluator)
+    assert isinstance(evaluators["segmentation"](), SegmentationEvaluator)
     assert isinstance(ClassificationEvaluator(class_names=CLASSES), Evaluator)
     assert isinstance(SegmentationEvaluator(), Evaluator)
+
+
+@pytest.mark.parametrize("name", ["classification", "segmentation", "localization"])
+def test_each_factory_has_its_evaluators_options_and_defaults(name):
+    factory = corex_eval.corex_evaluators()[name]
+    evaluator = getattr(corex_eval, f"{name.capitalize()}Evaluator")  # the lazy public name
+    light = inspect.signature(factory).parameters.values()
+    assert [(p.name, p.default) for p in light] == [(p.name, p.default) for p in inspect.signature(evaluator).parameters.values()]
+
+
+def test_loading_the_plugin_and_reading_its_factories_imports_nothing_heavy():
+    code = (
+        "import inspect, sys, corex_eval; from corex.binding import type_hints\n"
+        "for f in corex_eval.corex_evaluators().values(): inspect.signature(f); type_hints(f)\n"
+        "heavy = {'torch', 'kornia', 'torchmetrics', 'numpy', 'matplotlib'} & set(sys.modules)\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_hand_computed_metrics_on_six_studies():

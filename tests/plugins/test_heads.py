@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +33,36 @@ def batch(labels, masks=None, has_mask=None):
 
 
 def test_hook_registers_both_heads():
-    assert corex_heads.corex_heads() == {"classification": ClassificationHead, "segmentation": SegmentationHead}
+    factories = corex_heads.corex_heads()
+    assert factories == {"classification": corex_heads.classification_head, "segmentation": corex_heads.segmentation_head}
+    classify = factories["classification"](channels=(8,), num_classes=3, dropout=0.25, class_weights=[1.0, 2.0, 3.0],
+                                           label_smoothing=0.1, feature_norm=True)
+    assert isinstance(classify, ClassificationHead) and isinstance(classify, Head)
+    assert (classify.num_classes, classify.dropout.p, classify.label_smoothing) == (3, 0.25, 0.1)
+    assert classify.class_weights.tolist() == [1.0, 2.0, 3.0] and isinstance(classify.norm, torch.nn.BatchNorm1d)
+    segment = factories["segmentation"](channels=(8, 16), strides=(2, 4), decoder_width=6, dice_weight=0.5,
+                                        bce_weight=2.0, pos_weight=3.0)
+    assert isinstance(segment, SegmentationHead) and isinstance(segment, Head)
+    assert (segment.dice_weight, segment.bce_weight, segment.pos_weight.tolist()) == (0.5, 2.0, [3.0])
+    assert repr(segment.decoder) == repr(UNetDecoder((8, 16), (2, 4), out_channels=1, width=6))
+
+
+@pytest.mark.parametrize(("factory", "implementation"), [("classification_head", ClassificationHead),
+                                                         ("segmentation_head", SegmentationHead)])
+def test_each_light_factory_has_its_heads_options(factory, implementation):
+    options = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(corex_heads, factory)).parameters.values()]
+    assert options == [(p.name, p.kind, p.default) for p in inspect.signature(implementation).parameters.values()]
+
+
+def test_loading_the_plugin_imports_no_torch():
+    # What `corex --help` and `corex plugins` do: import, register, read signatures and annotations.
+    code = (
+        "import sys, inspect, corex_heads; from corex.binding import type_hints; "
+        "[(inspect.signature(f), type_hints(f)) for f in corex_heads.corex_heads().values()]; "
+        "heavy = {'torch', 'kornia', 'torchmetrics', 'numpy'} & set(sys.modules); assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_heads_on_a_real_pyramid(encoder):

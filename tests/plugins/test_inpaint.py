@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -336,4 +339,28 @@ def test_bad_options_raise_a_specific_value_error(options, named):
 
 
 def test_plugin_registers_the_objective():
-    assert corex_inpaint.corex_objectives() == {"inpaint": Inpainting}
+    assert corex_inpaint.corex_objectives() == {"inpaint": corex_inpaint.inpaint_objective}
+    encoder = TinyEncoder()
+    options = {"policy": "lungs", "coverage": 0.4, "max_regions": 2, "fill": "noise", "loss": "l2", "visible_weight": 0.3,
+               "decoder_width": 6}
+    built = corex_inpaint.inpaint_objective(encoder=encoder, channels=encoder.channels, strides=encoder.strides, **options)
+    assert isinstance(built, Inpainting) and built.encoder is encoder
+    assert (built.policy, built.coverage, built.max_regions, built.fill, built.loss_kind, built.visible_weight) == (
+        "lungs", 0.4, 2, "noise", "l2", 0.3)
+    assert repr(built.decoder) == repr(make_objective(decoder_width=6).decoder)
+
+
+def test_the_light_factory_has_the_objectives_options():
+    options = [(p.name, p.kind, p.default) for p in inspect.signature(corex_inpaint.inpaint_objective).parameters.values()]
+    assert options == [(p.name, p.kind, p.default) for p in inspect.signature(Inpainting).parameters.values()]
+
+
+def test_loading_the_plugin_imports_no_torch():
+    # What `corex --help` and `corex plugins` do: import, register, read signatures and annotations.
+    code = (
+        "import sys, inspect, corex_inpaint; from corex.binding import type_hints; "
+        "[(inspect.signature(f), type_hints(f)) for f in corex_inpaint.corex_objectives().values()]; "
+        "heavy = {'torch', 'kornia', 'torchmetrics', 'numpy', 'matplotlib'} & set(sys.modules); assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

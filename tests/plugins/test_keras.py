@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import subprocess
@@ -14,6 +15,7 @@ import torch
 
 import corex
 import corex_keras
+import corex_keras.encoder
 from corex.errors import RecipeError
 from corex.interfaces import Encoder
 from corex_keras import keras_densenet121, keras_efficientnetb0, keras_resnet50
@@ -59,11 +61,25 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_the_hook_names_the_encoders_without_importing_keras():
+def test_the_hook_names_the_encoders_without_importing_keras_or_torch():
     assert corex_keras.corex_encoders() == FACTORIES
-    code = "import sys, corex_keras; corex_keras.corex_encoders(); print('keras_core' in sys.modules)"
+    # What `corex --help` and `corex plugins` do: import, register, read signatures and annotations.
+    code = (
+        "import sys, inspect, corex_keras; from corex.binding import type_hints; "
+        "[(inspect.signature(f), type_hints(f)) for f in corex_keras.corex_encoders().values()]; "
+        "print(sorted({'keras_core', 'keras', 'torch', 'kornia', 'torchmetrics', 'numpy'} & set(sys.modules)))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "False"
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_each_light_factory_has_its_implementations_options(name):
+    implementation = getattr(corex_keras.encoder, name)
+    options = [(p.name, p.kind, p.default) for p in inspect.signature(FACTORIES[name]).parameters.values()]
+    assert options == [(p.name, p.kind, p.default) for p in inspect.signature(implementation).parameters.values()]
+    assert corex_keras.KerasEncoder is corex_keras.encoder.KerasEncoder
+    assert corex_keras.APPLICATIONS is corex_keras.encoder.APPLICATIONS
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +108,7 @@ def test_the_tests_keep_keras_home_out_of_the_users_home(tmp_path):
 @pytest.mark.slow
 def test_a_run_keeps_keras_home_in_the_corex_cache_unless_the_user_set_it(tmp_path):
     env = {**away_from_home(tmp_path), "COREX_CACHE": str(tmp_path / "cache")}
-    code = "import os, corex_keras; corex_keras.encoder.import_keras(); print(os.environ['KERAS_HOME'])"
+    code = "import os, corex_keras.encoder; corex_keras.encoder.import_keras(); print(os.environ['KERAS_HOME'])"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == str(tmp_path / "cache" / "keras")
     assert (tmp_path / "cache" / "keras" / "keras.json").is_file()

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import corex_kornia
+import corex_kornia.pipelines
+import corex_kornia.spelled
 from corex.interfaces import Augmentation
 from corex_kornia import corex_augmentations, cxr_light, kornia_pipeline, moco_cxr, mocov2
 
@@ -78,6 +83,38 @@ def test_registers_every_pipeline_with_typed_keyword_options():
             assert parameter.annotation is not inspect.Parameter.empty, (name, parameter.name)
         if name != "kornia":  # the only one without defaults for all options
             assert isinstance(factory(), Augmentation)
+
+
+# The recipe-facing light factories, their implementations and options away from every default.
+IMPLEMENTATIONS = {
+    "cxr_light": (corex_kornia.pipelines.cxr_light, {"degrees": 5.0, "translate": 0.1, "scale": (0.8, 1.2),
+                                                     "brightness": 0.2, "contrast": 0.3, "hflip": True, "p": 0.7}),
+    "moco_cxr": (corex_kornia.pipelines.moco_cxr, {"degrees": 7.0, "crop_scale": (0.5, 1.0), "hflip": False}),
+    "mocov2": (corex_kornia.pipelines.mocov2, {"crop_scale": (0.3, 0.9), "brightness": 0.2, "contrast": 0.1,
+                                               "blur_sigma": (0.2, 1.0), "hflip": False}),
+    "kornia": (corex_kornia.spelled.kornia_pipeline, {"ops": ["RandomVerticalFlip", {"RandomInvert": {"p": 0.3}}]}),
+    "none": (corex_kornia.NoAugmentation, {}),
+}
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_each_light_factory_passes_every_option_to_its_implementation(name):
+    factory, (implementation, options) = corex_augmentations()[name], IMPLEMENTATIONS[name]
+    signature = [(p.name, p.kind, p.default) for p in inspect.signature(factory).parameters.values()]
+    assert signature == [(p.name, p.kind, p.default) for p in inspect.signature(implementation).parameters.values()]
+    built = factory(**options)
+    assert type(built) is type(implementation(**options)) and repr(built) == repr(implementation(**options))
+
+
+def test_loading_the_plugin_imports_no_torch_or_kornia():
+    # What `corex --help` and `corex plugins` do: import, register, read signatures and annotations.
+    code = (
+        "import sys, inspect, corex_kornia; from corex.binding import type_hints; "
+        "[(inspect.signature(f), type_hints(f)) for f in corex_kornia.corex_augmentations().values()]; "
+        "heavy = {'torch', 'kornia', 'torchmetrics', 'numpy'} & set(sys.modules); assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("name", PIPELINES)

@@ -245,7 +245,9 @@ def test_bad_level_or_head_is_named():
 
 
 def test_registered_as_an_evaluator_that_needs_the_model():
-    assert corex_eval.corex_evaluators()["localization"] is LocalizationEvaluator
+    factory = corex_eval.corex_evaluators()["localization"]
+    assert factory is corex_eval.localization_evaluator
+    assert isinstance(factory(class_names=CLASSES, level=-2), LocalizationEvaluator)
     evaluator = LocalizationEvaluator(class_names=CLASSES)
     assert isinstance(evaluator, Evaluator) and evaluator.needs_model
 

@@ -92,7 +92,9 @@ def record_keys(moco: MoCo) -> list[Tensor]:
 
 def test_registered_and_satisfies_protocols():
     moco = make_moco()
-    assert corex_moco.corex_objectives()["moco"] is MoCo
+    factory = corex_moco.corex_objectives()["moco"]
+    assert factory is corex_moco.moco_objective
+    assert isinstance(factory(encoder=moco.encoder, channels=moco.encoder.channels, batch_size=4, queue_size=8), MoCo)
     assert isinstance(moco, Objective) and isinstance(moco.key_encoder, Encoder)
     assert all(not p.requires_grad for p in key_parameters(moco))
     assert {"queue", "queue_ptr"} <= set(moco.state_dict())

@@ -15,7 +15,8 @@ import pydicom
 import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from corex_cxr.phantom import CLASS_COLUMNS, corex_cli, render_study, write_siim_phantom
+from corex_cxr.cli import corex_cli
+from corex_cxr.phantom import CLASS_COLUMNS, render_study, write_siim_phantom
 
 # The package's `phantom` attribute is the dataset factory, which shadows the module.
 phantom = importlib.import_module("corex_cxr.phantom")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +215,27 @@ def test_a_copied_run_directory_checkpoint_loads_as_the_run(exported, tmp_path):
     shutil.copytree(exported / "run", tmp_path / "run")
     best = load_model(tmp_path / "run" / "checkpoints" / "train" / "best.pt")
     assert best.meta["stage"] == "train" and best.class_names[0] == "negative"
+
+
+# -- loading the plugin ----------------------------------------------------------------------------
+
+
+def test_building_the_commands_parsers_imports_nothing_heavy():
+    code = (
+        "import argparse, sys, corex_predict\n"
+        "corex_predict.corex_cli(commands=argparse.ArgumentParser().add_subparsers())\n"
+        "heavy = {'torch', 'kornia', 'torchmetrics', 'numpy', 'pydicom', 'PIL', 'matplotlib'} & set(sys.modules)\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_public_functions_stay_functions_once_their_modules_are_imported():
+    import corex_predict
+    import corex_predict.evaluation
+    import corex_predict.prediction
+
+    assert corex_predict.predict is corex_predict.prediction.predict
+    assert corex_predict.evaluate is corex_predict.evaluation.evaluate
+    assert callable(corex_predict.load_model) and corex_predict.TTAModel is TTAModel
+

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
+import inspect
 import json
 import os
 import signal
@@ -312,8 +314,31 @@ def test_second_source_reuses_the_cache(siim, tmp_path):
 
 def test_registered_factories():
     factories = corex_cxr.corex_datasets()
-    assert set(factories) == {"siim", "folder", "phantom"}
-    assert factories["siim"] is SiimSource
+    assert factories == {"siim": corex_cxr.siim_source, "folder": corex_cxr.folder_source, "phantom": corex_cxr.phantom_source}
+    assert corex_cxr.SiimSource is SiimSource  # the public name still resolves, lazily
+
+
+@pytest.mark.parametrize(("factory", "implementation"), [("siim_source", "corex_cxr.siim.SiimSource"),
+                                                         ("folder_source", "corex_cxr.folder.FolderSource"),
+                                                         ("phantom_source", "corex_cxr.phantom.phantom_siim_source")])
+def test_each_factory_mirrors_its_implementations_signature(factory, implementation):
+    module, name = implementation.rsplit(".", 1)
+    target = inspect.signature(getattr(importlib.import_module(module), name))
+    light = inspect.signature(getattr(corex_cxr, factory))
+    assert [(p.name, p.default) for p in light.parameters.values()] == [
+        (p.name, p.default) for p in target.parameters.values()
+    ]
+
+
+def test_loading_the_plugin_and_reading_its_factories_imports_nothing_heavy():
+    code = (
+        "import argparse, inspect, sys, corex_cxr; from corex.binding import type_hints\n"
+        "for f in corex_cxr.corex_datasets().values(): inspect.signature(f); type_hints(f)\n"
+        "corex_cxr.corex_cli(data_commands=argparse.ArgumentParser().add_subparsers())\n"
+        "heavy = {'torch', 'kornia', 'torchmetrics', 'numpy', 'pydicom', 'PIL', 'matplotlib'} & set(sys.modules)\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_phantom_factory_writes_once_and_reads_it_with_the_siim_loader(tmp_path):

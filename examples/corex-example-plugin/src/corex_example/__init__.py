@@ -12,7 +12,10 @@ point, because an installed observer runs in every run of the environment; switc
 with ``COREX_PLUGINS=corex_example.csv_logger``.
 
 This module imports no torch: corex loads every installed plugin for ``corex --help`` and
-``corex plugins``, so the factories below import their torch code only when they are called.
+``corex plugins`` and reads the factories' signatures, so the factories below import their torch
+code only when they are called (importing torch here would cost every corex command seconds).
+Each factory repeats its class's options and defaults, with annotations corex can read without
+torch: the protocols of :mod:`corex.interfaces` for the return types.
 The names carry the prefix ``example_`` so they cannot clash with corex's own.
 """
 
@@ -21,11 +24,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from corex import hookimpl
+from corex.interfaces import Encoder, Evaluator  # protocols only: corex.interfaces imports no torch
 
 __version__ = "0.1.0"
 
 
-def example_mobilenet(*, in_channels: int = 1, width: int = 16, blocks: int = 1):
+def example_mobilenet(*, in_channels: int = 1, width: int = 16, blocks: int = 1) -> Encoder:
     """MobileNet-style encoder: channels ``width * (1, 2, 4, 8)`` at strides ``(2, 4, 8, 16)``.
 
     ``blocks``: depthwise-separable blocks per level (the first of each level downsamples).
@@ -40,7 +44,7 @@ def example_sens_at_spec(
     head: str = "classification",
     specificity: float = 0.9,
     class_names: Sequence[str] | None = None,
-):
+) -> Evaluator:
     """Per-class sensitivity at ``specificity`` from the ``head``'s logits (``class_names`` comes from corex)."""
     from corex_example.evaluator import SensitivityAtSpecificity
 

@@ -19,6 +19,7 @@ from typing import Any
 from corex import rundir
 from corex.engine import build_data, build_evaluators, evaluate_split
 from corex.errors import CorexError
+from corex.interfaces import NeedsModel
 from corex.plugins import Registry
 from corex.recipe import Component, Recipe, Stage
 from corex_predict.model import load_model
@@ -71,7 +72,7 @@ def evaluate(
     metrics, intervals = run(loaded.model, build_evaluators(spec, loaded.class_names, registry, split), folder, split)
     if views:
         # Evaluators that look inside the model (Grad-CAM) would see the plain model: run them once.
-        plain_only = [(path, e) for path, e in build_evaluators(spec, loaded.class_names, registry, split) if not getattr(e, "needs_model", False)]
+        plain_only = [(path, e) for path, e in build_evaluators(spec, loaded.class_names, registry, split) if not (isinstance(e, NeedsModel) and e.needs_model)]
         tta_metrics, tta_intervals = run(TTAModel(loaded.model, views), plain_only, folder / "tta", f"{split} with tta")
         metrics.update({f"tta/{k}": v for k, v in tta_metrics.items()})
         intervals.update({f"tta/{k}": v for k, v in tta_intervals.items()})
