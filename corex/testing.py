@@ -20,6 +20,15 @@ Installing corex makes these fixtures available in every pytest run of the envir
                     ResNet; tweak it, then ``corex.load_recipe(tiny_recipe)``.
 ``corex_cli``       runs the ``corex`` command line in-process: ``code, out, err = corex_cli("validate", path)``.
 
+Two checks of a plugin's shape, for its own tests:
+
+``assert_light("my_plugin")``      importing the package, calling its registration and ``corex_cli``
+                                   hooks and reading every factory's signature and annotations (what
+                                   ``corex --help``, ``corex plugins`` and ``corex validate --no-build``
+                                   do) imports no torch, numpy, kornia ... (checked in a fresh interpreter);
+``assert_mirrors(factory, Class)``  a light factory takes exactly its implementation's options: the same
+                                   names, kinds and defaults, so the two cannot drift apart.
+
 It also registers the ``slow`` marker (``@pytest.mark.slow``, for end-to-end runs), so a plugin's
 test suite can mark its runs without declaring the marker itself; ``-m "not slow"`` skips them.
 
@@ -30,8 +39,12 @@ square in its own quadrant, and the square is the opacity mask.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
-from collections.abc import Callable
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -135,6 +148,51 @@ def tiny_recipe_dict() -> dict[str, Any]:
             "test": {"kind": "evaluate", "split": "test", "evaluators": [{"name": "classification", "bootstrap": 50}, "segmentation"]},
         },
     }
+
+
+# Modules that cost seconds to import and that no light command needs.
+HEAVY = ("torch", "kornia", "torchmetrics", "numpy", "scipy", "matplotlib", "pydicom", "PIL", "keras", "keras_core")
+
+
+def assert_light(package: str, heavy: Sequence[str] = HEAVY) -> None:
+    """Fail unless loading ``package`` as ``corex --help`` and ``corex plugins`` do leaves ``heavy`` unimported."""
+    code = textwrap.dedent(f"""
+        import argparse, importlib, inspect, sys
+        from corex.binding import type_hints
+        from corex.plugins import KINDS
+
+        module = importlib.import_module({package!r})
+        for hook in KINDS.values():
+            for factory in getattr(module, hook, lambda: {{}})().values():
+                inspect.signature(factory), type_hints(factory)
+        if hasattr(module, "corex_cli"):
+            parser = argparse.ArgumentParser()
+            commands = parser.add_subparsers()
+            data_commands = commands.add_parser("data").add_subparsers()
+            offered = {{"commands": commands, "data_commands": data_commands}}
+            module.corex_cli(**{{k: v for k, v in offered.items() if k in inspect.signature(module.corex_cli).parameters}})
+        print(",".join(sorted(set({list(heavy)!r}) & set(sys.modules))))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"loading {package} failed:\n{result.stderr[-3000:]}")
+    if result.stdout.strip():
+        pytest.fail(f"loading {package} and reading its factories imported {result.stdout.strip()}: import them inside "
+                    "the factories and hook bodies instead (docs/writing-a-plugin.md)")
+
+
+def assert_mirrors(factory: Callable[..., Any], implementation: Callable[..., Any]) -> None:
+    """Fail unless ``factory`` takes exactly ``implementation``'s options (names, kinds, defaults)."""
+
+    def options(function: Callable[..., Any]) -> list[tuple[str, str, Any]]:
+        return [(p.name, p.kind.description, p.default) for p in inspect.signature(function).parameters.values()]
+
+    ours, theirs = options(factory), options(implementation)
+    if ours != theirs:
+        only_ours = [o for o in ours if o not in theirs]
+        only_theirs = [o for o in theirs if o not in ours]
+        pytest.fail(f"{factory.__qualname__} and {implementation.__qualname__} differ: the factory has {only_ours or 'nothing more'}, "
+                    f"the implementation has {only_theirs or 'nothing more'}" + ("" if only_ours or only_theirs else " (in another order)"))
 
 
 SLOW_MARKER = "slow: end-to-end runs (still seconds, tiny models); deselect with -m 'not slow'"

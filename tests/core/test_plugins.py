@@ -12,6 +12,7 @@ import pytest
 import corex
 from corex.errors import PluginError
 from corex.plugins import KINDS, Registry, create_plugin_manager, describe_plugins, register
+from corex.testing import assert_light, assert_mirrors
 
 BUILT_IN = {
     "encoders": {"resnet18", "resnet34", "resnet50", "densenet121"},
@@ -310,3 +311,38 @@ def test_a_factory_raising_type_error_is_reported_like_value_error(corex_pm, tin
     recipe = corex.load_recipe(tiny_recipe)  # the options bind; only building finds the problem
     with pytest.raises(corex.recipe.RecipeError, match="model.encoder: width 3 does not suit this encoder"):
         corex.build_model(recipe, num_classes=4)
+
+
+# -- light plugins: what `corex --help` loads -------------------------------------------------------
+
+BUILT_IN_PACKAGES = ["corex_encoders", "corex_heads", "corex_eval", "corex_cxr", "corex_kornia", "corex_moco",
+                     "corex_inpaint", "corex_keras", "corex_predict", "corex_study", "corex_optim"]
+
+
+def test_every_built_in_package_is_checked_for_lightness():
+    from importlib.metadata import entry_points
+
+    assert {ep.value for ep in entry_points(group="corex")} >= set(BUILT_IN_PACKAGES)
+
+
+@pytest.mark.parametrize("package", BUILT_IN_PACKAGES)
+def test_each_built_in_plugin_loads_without_torch(package):
+    """Importing the package, calling its hooks and reading its factories' signatures imports nothing heavy."""
+    assert_light(package)
+
+
+def test_assert_light_names_what_a_heavy_plugin_imports(tmp_path, monkeypatch):
+    (tmp_path / "corex_heavy_plugin.py").write_text("import numpy\n\ndef corex_encoders():\n    return {}\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match="imported numpy: import them inside the factories"):
+        assert_light("corex_heavy_plugin")
+
+
+def test_assert_mirrors_names_the_option_that_drifted():
+    def implementation(*, width: int = 64, depth: int = 4): ...
+
+    def factory(*, width: int = 32, depth: int = 4): ...
+
+    assert_mirrors(implementation, implementation)
+    with pytest.raises(pytest.fail.Exception, match=r"the factory has \[\('width', 'keyword-only', 32\)\]"):
+        assert_mirrors(factory, implementation)

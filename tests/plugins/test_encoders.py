@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ import corex_encoders
 import corex_encoders.densenet
 import corex_encoders.resnet
 from corex.interfaces import Encoder
+from corex.testing import assert_mirrors
 from corex_encoders import densenet121, resnet18, resnet34, resnet50
 
 ENCODERS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "densenet121": densenet121}
@@ -27,22 +25,10 @@ def test_hook_registers_every_encoder():
     assert corex_encoders.corex_encoders() == ENCODERS
 
 
-def test_loading_the_plugin_imports_no_torch():
-    # What `corex --help` and `corex plugins` do: import, register, read signatures and annotations.
-    code = (
-        "import sys, inspect, corex_encoders; from corex.binding import type_hints; "
-        "[(inspect.signature(f), type_hints(f)) for f in corex_encoders.corex_encoders().values()]; "
-        "heavy = {'torch', 'kornia', 'torchmetrics', 'numpy'} & set(sys.modules); assert not heavy, heavy"
-    )
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-
-
 @pytest.mark.parametrize("name", ENCODERS)
 def test_each_light_factory_has_its_implementations_options(name):
     implementation = getattr(corex_encoders.resnet, name, None) or getattr(corex_encoders.densenet, name)
-    options = [(p.name, p.kind, p.default) for p in inspect.signature(ENCODERS[name]).parameters.values()]
-    assert options == [(p.name, p.kind, p.default) for p in inspect.signature(implementation).parameters.values()]
+    assert_mirrors(ENCODERS[name], implementation)
     assert corex_encoders.ResNet is corex_encoders.resnet.ResNet and corex_encoders.DenseNet is corex_encoders.densenet.DenseNet
 
 

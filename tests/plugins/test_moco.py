@@ -18,6 +18,7 @@ from torch import Tensor, nn
 import corex_kornia
 import corex_moco
 from corex.interfaces import Encoder, Objective
+from corex.testing import assert_mirrors
 from corex_moco import MoCo
 
 
@@ -94,6 +95,7 @@ def test_registered_and_satisfies_protocols():
     moco = make_moco()
     factory = corex_moco.corex_objectives()["moco"]
     assert factory is corex_moco.moco_objective
+    assert_mirrors(factory, MoCo)
     assert isinstance(factory(encoder=moco.encoder, channels=moco.encoder.channels, batch_size=4, queue_size=8), MoCo)
     assert isinstance(moco, Objective) and isinstance(moco.key_encoder, Encoder)
     assert all(not p.requires_grad for p in key_parameters(moco))

@@ -6,8 +6,6 @@ import base64
 import csv
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -139,16 +137,6 @@ def test_every_class_above_the_rule_is_not_called_a_clinical_validation(tmp_path
 def test_write_report_refuses_a_folder_without_results(tmp_path):
     with pytest.raises(CorexError, match="no results.json"):
         write_report(tmp_path)
-
-
-def test_building_the_study_commands_parsers_imports_nothing_heavy():
-    code = (
-        "import argparse, sys, corex_study\n"
-        "corex_study.corex_cli(commands=argparse.ArgumentParser().add_subparsers())\n"
-        "heavy = {'torch', 'kornia', 'torchmetrics', 'numpy', 'matplotlib'} & set(sys.modules)\n"
-        "assert not heavy, heavy"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_a_report_that_fails_leaves_the_run_successful_and_says_how_to_retry(tmp_path, capsys):

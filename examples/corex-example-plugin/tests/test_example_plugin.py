@@ -7,10 +7,7 @@ available (``corex.testing``), and installing this package makes corex load it.
 from __future__ import annotations
 
 import csv
-import inspect
 import math
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,6 +20,7 @@ from corex.contract import pyramid_problems
 from corex.errors import PluginError
 from corex.hookspecs import hookimpl
 from corex.plugins import Registry
+from corex.testing import assert_light, assert_mirrors
 from corex_example import csv_logger
 from corex_example.evaluator import SensitivityAtSpecificity
 
@@ -68,23 +66,14 @@ def test_the_encoder_pyramid_is_what_it_declares_and_feeds_the_segmentation_head
 
 def test_loading_the_plugin_and_reading_its_factories_imports_no_torch():
     # corex imports every installed plugin for `corex --help`: that must stay instant.
-    code = (
-        "import inspect, sys, corex_example; from corex.binding import type_hints\n"
-        "for hook in (corex_example.corex_encoders, corex_example.corex_evaluators):\n"
-        "    for factory in hook().values(): inspect.signature(factory); type_hints(factory)\n"
-        "heavy = {'torch', 'numpy'} & set(sys.modules)\n"
-        "assert not heavy, heavy"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert_light("corex_example")
 
 
 def test_the_factories_repeat_their_classes_options_and_defaults():
     from corex_example.encoder import MobileNetPyramid
 
-    for factory, cls in ((corex_example.example_mobilenet, MobileNetPyramid),
-                         (corex_example.example_sens_at_spec, SensitivityAtSpecificity)):
-        light = [(p.name, p.default, p.annotation) for p in inspect.signature(factory).parameters.values()]
-        assert light == [(p.name, p.default, p.annotation) for p in inspect.signature(cls).parameters.values()]
+    assert_mirrors(corex_example.example_mobilenet, MobileNetPyramid)
+    assert_mirrors(corex_example.example_sens_at_spec, SensitivityAtSpecificity)
 
 
 def test_the_encoder_refuses_impossible_options():
