@@ -1,11 +1,14 @@
 """How easy is the phantom? A logistic regression on 16x16 thumbnails, scored like the models (run by hand).
 
     python benchmarks/thumbnail_baseline.py recipes/phantom/classification_scratch.yaml [--set data.difficulty=0.6]
+    python benchmarks/thumbnail_baseline.py recipes/phantom/classification_scratch.yaml --set data.label_fraction=0.1 --set seed=3
 
 Builds the recipe's data exactly as a run would (same phantom, splits and decoded cache), shrinks
 every image to 16x16 by area averaging, fits a standardised multinomial logistic regression
 (scikit-learn, L2, C chosen on the validation split) on the training split, averages each study's
-image probabilities like the classification evaluator does, and prints the test macro-F1. When a
+image probabilities like the classification evaluator does, and prints the test macro-F1. With
+``data.label_fraction`` below 1 it fits on that fraction of the training labels and, as the study
+does (``data.reduce_val``), chooses C on the same fraction of the validation split. When a
 trained model's test macro-F1 is not well above this number, the data set is too easy for the
 study to tell arms apart.
 """
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import corex
+from corex.interfaces import Preparable
 
 THUMBNAIL = 16
 
@@ -61,9 +65,11 @@ def measure(recipe_path: Path, overrides: list[str]) -> dict:
 
     recipe = corex.load_recipe(recipe_path, overrides)
     source = corex.build_data(recipe)
-    if hasattr(source, "prepare"):
+    if isinstance(source, Preparable):
         source.prepare()
-    splits = {name: thumbnails(source.split(name)) for name in ("train", "val", "test")}
+    fraction = recipe.data.label_fraction
+    fractions = {"train": fraction, "val": fraction if recipe.data.reduce_val else 1.0, "test": 1.0}
+    splits = {name: thumbnails(source.split(name, label_fraction=f)) for name, f in fractions.items()}
     best = None
     for c in (0.01, 0.1, 1.0):
         model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
@@ -78,7 +84,7 @@ def measure(recipe_path: Path, overrides: list[str]) -> dict:
     probabilities, truth = study_level(model.predict_proba(x), y, studies)
     return {
         "recipe": str(recipe_path), "overrides": overrides, "difficulty": recipe.data.options.get("difficulty"),
-        "C": c, "test_studies": len(truth),
+        "label_fraction": fraction, "C": c, "train_images": len(splits["train"][1]), "test_studies": len(truth),
         "test_macro_f1": float(f1_score(truth, probabilities.argmax(1), average="macro")),
     }
 
@@ -94,7 +100,8 @@ def main() -> None:
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
     print(f"thumbnail logistic regression: test macro-F1 {result['test_macro_f1']:.3f} "
-          f"({result['test_studies']} test studies, difficulty {result['difficulty']})")
+          f"({result['test_studies']} test studies, difficulty {result['difficulty']}, "
+          f"{result['label_fraction']:g} of the labels: {result['train_images']} training images)")
 
 
 if __name__ == "__main__":
