@@ -23,7 +23,12 @@ def test_the_readme_quickstart_runs_the_shipped_quickstart_recipe():
 def test_linked_documents_exist():
     readme = (ROOT / "README.md").read_text()
     for link in re.findall(r"\]\(((?:docs)/[^)]+)\)", readme):
-        assert (ROOT / link).exists(), link
+        path, _, anchor = link.partition("#")
+        assert (ROOT / path).exists(), link
+        if anchor:  # a GitHub heading anchor: lower case, spaces as hyphens, punctuation dropped
+            headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), flags=re.MULTILINE)
+            anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+            assert anchor in anchors, link
 
 
 def test_every_hook_is_in_the_hook_reference():
