@@ -215,21 +215,26 @@ def _maybe_float(text: str) -> Any:
 
 
 def comparison_findings(comparison: dict[str, Any]) -> list[dict[str, Any]]:
-    """One finding per paired difference, quoting its by-study (else by-seed) mean difference."""
+    """One finding per paired difference: its mean and every paired interval (by seed, by test study) behind the
+    conclusion, so a reader sees which one leaves 0 inside."""
     metric = comparison["metric"]
     found = []
     for d in comparison["differences"]:
-        test_name = "by_study" if d["by_study"] else "by_seed"
-        test = d[test_name]
-        if not test:
+        tests = [(name, label, d[name]) for name, label in (("by_seed", "by seed"), ("by_study", "by test study")) if d[name]]
+        if not tests:
             continue
-        text = (f"{d['recipe']} at label fraction {d['label_fraction']:g}: {test['mean']:+.3f} {metric} against "
-                f"{comparison['baseline']} (paired {'by test study' if test_name == 'by_study' else 'by seed'}, 95% interval "
-                f"{test['low']:+.3f} to {test['high']:+.3f}, Holm p {test['p_holm']:.3f} over {test['comparisons']} comparison{'s' if test['comparisons'] != 1 else ''}): "
-                f"{d['conclusion']}.")
-        found.append({"text": text, "metric": f"{test_name}/{d['recipe']}@{d['label_fraction']:g}/{metric}",
-                      "value": test["mean"], "source": "compare.json", "stage": "", "also": []})
+        quoted, _, shown = tests[-1]  # the by-study mean when there is one: it is the value checked against compare.json
+        intervals = "; ".join(f"{label} {t['low']:+.3f} to {t['high']:+.3f} (Holm p {_p_value(t['p_holm'])} over {t['comparisons']} "
+                              f"comparison{'s' if t['comparisons'] != 1 else ''})" for _, label, t in tests)
+        text = (f"{d['recipe']} at label fraction {d['label_fraction']:g}: {shown['mean']:+.3f} {metric} against "
+                f"{comparison['baseline']}, 95% intervals {intervals}: {d['conclusion']}.")
+        found.append({"text": text, "metric": f"{quoted}/{d['recipe']}@{d['label_fraction']:g}/{metric}",
+                      "value": shown["mean"], "source": "compare.json", "stage": "", "also": []})
     return found
+
+
+def _p_value(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def write_study_report(study_dir: str | Path, comparison: dict[str, Any]) -> dict[str, Any]:

@@ -146,3 +146,19 @@ def test_a_report_that_fails_leaves_the_run_successful_and_says_how_to_retry(tmp
     corex_study.corex_run_end(run=run, results={"stages": {"test": {"kind": "evaluate"}}})
     assert "report.html not written" in capsys.readouterr().err
 
+
+
+def test_a_study_finding_quotes_every_paired_interval_behind_its_conclusion():
+    from corex_study.report import comparison_findings
+
+    def test(mean, low, high, p_holm):
+        return {"mean": mean, "low": low, "high": high, "p": p_holm, "p_holm": p_holm, "comparisons": 10}
+
+    difference = {"recipe": "inpaint", "label_fraction": 0.1, "seeds": [0, 1, 2, 3, 4],
+                  "by_seed": test(0.082, -0.033, 0.197, 1.0), "by_study": test(0.082, 0.045, 0.119, 0.0002),
+                  "conclusion": "no detectable difference at this size"}
+    (finding,) = comparison_findings({"metric": "macro_f1", "baseline": "scratch", "differences": [difference]})
+    # The by-seed interval holds 0, which is why the conclusion reads as it does: the reader must see it.
+    assert "by seed -0.033 to +0.197 (Holm p 1.000 over 10 comparisons)" in finding["text"]
+    assert "by test study +0.045 to +0.119 (Holm p < 0.001 over 10 comparisons)" in finding["text"]
+    assert finding["value"] == 0.082 and finding["metric"] == "by_study/inpaint@0.1/macro_f1"
