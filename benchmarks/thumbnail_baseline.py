@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import corex
+from corex.errors import CorexError
 from corex.interfaces import Preparable
 
 THUMBNAIL = 16
@@ -96,7 +98,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
-    result = measure(args.recipe, args.overrides)
+    try:
+        result = measure(args.recipe, args.overrides)
+    except CorexError as error:  # a bad recipe value or data: the message, as `corex` prints it
+        print(f"thumbnail_baseline: {error}", file=sys.stderr)
+        raise SystemExit(getattr(error, "exit_code", 2)) from None
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
     print(f"thumbnail logistic regression: test macro-F1 {result['test_macro_f1']:.3f} "
