@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from corex.engine import build_augment, build_component, build_model, make_optimizer
+from corex.build import build_augment, build_component, build_model, build_optimizer as make_optimizer
 from corex.plugins import Registry
 from corex.recipe import load_recipe
 

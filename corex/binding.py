@@ -210,3 +210,6 @@ def accepted_injections(factory: Callable[..., Any], available: Mapping[str, Any
         return {}
     # Only arguments named in the signature: **kwargs often forwards to code that would choke.
     return {k: v for k, v in available.items() if k in signature.parameters}
+
+
+__all__ = ["Problems", "accepted_injections", "bind_options", "check_value", "describe_type", "type_hints"]

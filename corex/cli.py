@@ -17,17 +17,6 @@ from corex import __version__
 from corex.errors import CorexError
 
 
-def _shipped_recipes() -> Path:
-    """The recipes installed as the package data ``corex.recipes`` (the repository's recipes/)."""
-    try:
-        from importlib.resources import files
-
-        return Path(str(files("corex.recipes")))
-    except (ModuleNotFoundError, TypeError):
-        return Path(__file__).resolve().parent.parent / "recipes"
-
-
-RECIPES = _shipped_recipes()
 
 EXAMPLES = """\
 examples:
@@ -117,19 +106,10 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def resolve_recipe_path(name: str) -> Path:
-    """A path as given, or a shipped recipe by name (``quickstart``, ``phantom/moco_classification``)."""
-    path = Path(name)
-    if path.exists() or path.suffix in {".yaml", ".yml"}:
-        return path
-    shipped = RECIPES / f"{name}.yaml"
-    return shipped if shipped.exists() else path
-
-
 def _load(args: argparse.Namespace):
-    from corex.recipe import load_recipe
+    from corex.recipe import find_recipe, load_recipe
 
-    return load_recipe(resolve_recipe_path(args.recipe), overrides=args.overrides)
+    return load_recipe(find_recipe(args.recipe), overrides=args.overrides)
 
 
 def launch_processes(nproc: int, argv: Sequence[str]) -> int:
@@ -173,19 +153,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-# Headline metrics of the summary table, in this order, where an evaluate stage produced them.
-HEADLINE = ("macro_f1", "accuracy", "balanced_accuracy", "auroc", "study_map", "ece", "ece/calibrated", "brier",
-            "dice", "dice/positive", "iou", "pointing_game")
-
-
 def summary_table(results: dict, out: Path) -> str:
-    """The end of a run: each evaluate stage's headline metrics with their 95% intervals, and where to look."""
+    """The end of a run: each evaluate stage's headline metrics (as the plugins declare them, corex.metrics)
+    with their 95% intervals, and where to look."""
+    from corex.metrics import catalog, headline_rows
+
+    headline = catalog().headline()
     lines = []
     for name, stage in results.get("stages", {}).items():
         if stage.get("kind") != "evaluate":
             continue
         metrics, intervals = stage.get("metrics", {}), stage.get("intervals", {})
-        rows = [(key, metrics[key], intervals.get(key)) for key in HEADLINE if isinstance(metrics.get(key), (int, float))]
+        rows = [(key, metrics[key], intervals.get(key)) for key in headline_rows(metrics, headline)]
         count = metrics.get("n")
         lines.append(f"\n{name}: {stage.get('split')} split" + (f", {int(count)} studies" if isinstance(count, (int, float)) else ""))
         lines.append(f"  {'metric':20s} {'value':>7s}   95% interval")
@@ -205,7 +184,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     recipe = _load(args)
     if args.build:
-        from corex.engine import build_data, build_stage_data, check_components
+        from corex.build import build_data, build_stage_data, check_components
 
         registry = Registry()
         source = build_data(recipe, registry)
@@ -221,7 +200,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
     rows = describe_plugins()
     if args.json:
-        from corex.plugins import KINDS, Registry
+        from corex.kinds import KINDS
+        from corex.plugins import Registry
 
         registry = Registry()
         components = {kind: {name: c.plugin for name, c in sorted(registry.components(kind).items())} for kind in KINDS}
@@ -238,17 +218,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from corex.recipe import first_comment
+    from corex.recipe import first_comment, shipped_recipes
 
-    for path in sorted(RECIPES.rglob("*.yaml")):
-        name = path.relative_to(RECIPES).with_suffix("").as_posix()
+    shipped = shipped_recipes()
+    for path in sorted(shipped.rglob("*.yaml")):
+        name = path.relative_to(shipped).with_suffix("").as_posix()
         print(f"{name:36s} {first_comment(path)}")
     return 0
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     """Build the cache of the recipe's data and of every stage's own data."""
-    from corex.engine import build_data
+    from corex.build import build_data
     from corex.plugins import Registry
 
     recipe, registry = _load(args), Registry()
@@ -265,7 +246,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:
-    from corex.engine import build_data
+    from corex.build import build_data
 
     source = build_data(_load(args))
     description = source.describe()

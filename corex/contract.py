@@ -1,9 +1,10 @@
 """The contract between the core and its plugins, checked by code when a component is built.
 
-:mod:`corex.interfaces` writes the contract as protocols; this module holds a built component
-against them and reports every missing member at once, naming the component, the plugin that
-provides it and the recipe path, so that a plugin author learns of a mistake at ``corex validate``
-and not as a torch error in the middle of a run.
+:mod:`corex.interfaces` writes the contract as protocols and :mod:`corex.kinds` says which
+protocol each kind satisfies; this module holds a built component against it and reports every
+missing member at once, naming the component, the plugin that provides it and the recipe path, so
+that a plugin author learns of a mistake at ``corex validate`` and not as a torch error in the
+middle of a run.
 """
 
 from __future__ import annotations
@@ -14,36 +15,17 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from corex.binding import type_hints
-
-# What the core reads of a built component, per kind: (attribute, what it must be).
-REQUIRED: dict[str, tuple[tuple[str, str], ...]] = {
-    "encoders": (("forward", "method"), ("arch", "str"), ("in_channels", "int"), ("channels", "sequence"), ("strides", "sequence"),
-                 ("state_dict", "method")),
-    "heads": (("forward", "method"), ("loss", "method"), ("task", "str")),
-    "objectives": (("forward", "method"), ("state_dict", "method"), ("load_state_dict", "method")),
-    "evaluators": (("update", "method"), ("compute", "method"), ("reset", "method")),
-    "augmentations": (("__call__", "method"),),
-    "datasets": (("class_names", "sequence"), ("split", "method"), ("describe", "method"), ("skipped", "method")),
-    "optimizers": (("step", "method"), ("zero_grad", "method"), ("param_groups", "sequence"), ("state_dict", "method"),
-                   ("load_state_dict", "method")),
-    "schedules": (("step", "method"), ("state_dict", "method"), ("load_state_dict", "method")),
-}
-# The protocol each kind is documented by, for the messages.
-PROTOCOL = {"encoders": "corex.interfaces.Encoder", "heads": "corex.interfaces.Head", "objectives": "corex.interfaces.Objective",
-            "evaluators": "corex.interfaces.Evaluator", "augmentations": "corex.interfaces.Augmentation",
-            "datasets": "corex.interfaces.DataSource", "optimizers": "torch.optim.Optimizer",
-            "schedules": "torch.optim.lr_scheduler.LRScheduler"}
-# nn.Module subclasses: the core moves them to the device, trains them and saves their state.
-MODULES = {"encoders", "heads", "objectives"}
+from corex.kinds import KINDS
 
 
 def built_problems(kind: str, built: Any, label: str, path: str) -> list[str]:
     """Every way ``built`` breaks its kind's protocol, as recipe problems."""
     import torch
 
+    declared = KINDS[kind]
     problems = []
     missing, wrong = [], []
-    for attribute, expected in REQUIRED[kind]:
+    for attribute, expected in declared.members().items():
         if not hasattr(built, attribute):
             missing.append(attribute + ("()" if expected == "method" else ""))
             continue
@@ -54,10 +36,12 @@ def built_problems(kind: str, built: Any, label: str, path: str) -> list[str]:
             wrong.append(f"{attribute} must be a string, got {value!r}")
         elif expected == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
             wrong.append(f"{attribute} must be an integer, got {value!r}")
+        elif expected == "bool" and not isinstance(value, bool):
+            wrong.append(f"{attribute} must be true or false, got {value!r}")
         elif expected == "sequence" and (isinstance(value, str) or not isinstance(value, Iterable)):
             wrong.append(f"{attribute} must be a list, got {value!r}")
-    where = PROTOCOL[kind]
-    if kind in MODULES and not isinstance(built, torch.nn.Module):
+    where = declared.builds
+    if declared.module and not isinstance(built, torch.nn.Module):
         problems.append(f"{path}: {label} returned a {type(built).__name__}, not a torch.nn.Module (see {where})")
     if missing:
         problems.append(f"{path}: {label} lacks {', '.join(missing)} (see {where})")

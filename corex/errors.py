@@ -50,3 +50,6 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """'; did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.7)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+__all__ = ["CorexError", "PluginError", "RecipeError", "RunFailure", "did_you_mean"]

@@ -1,17 +1,20 @@
 """Every hook corex calls, in one flat module.
 
-Two families:
+Three families:
 
-* Registration hooks (``corex_encoders`` ... ``corex_datasets``) return a mapping of component
-  name to factory. The core owns the lookup: an unknown name gets a did-you-mean error, and two
-  plugins claiming one name is an error naming both. A factory is an ordinary typed callable; the
-  recipe's options are bound to its signature (and checked against its annotations) before any
-  work starts. The interfaces the built objects satisfy are in :mod:`corex.interfaces`, with one
-  factory type per hook (``EncoderFactory`` returns an ``Encoder``, ...).
+* Registration hooks (``corex_encoders`` ... ``corex_schedules``), one per kind of component,
+  generated from the declarations in :mod:`corex.kinds`: each returns a mapping of component name
+  to factory. The core owns the lookup: an unknown name gets a did-you-mean error, and two plugins
+  claiming one name is an error naming both. A factory is an ordinary typed callable; the recipe's
+  options are bound to its signature (and checked against its annotations) before any work starts.
+  The interfaces the built objects satisfy are in :mod:`corex.interfaces`.
   Registering must stay light: ``corex --help``, ``corex plugins`` and ``corex validate --no-build``
   load every plugin and read the factories' signatures without building anything, so a factory is
   a typed function in a module that does not import torch, and imports its implementation when
   called (see ``plugins/corex_moco/__init__.py``).
+* Report hooks (``corex_metrics``, ``corex_findings``, ``corex_artefacts``): what the numbers and
+  files a plugin's evaluators write mean, so that reports, ``corex compare`` and ``corex study``
+  hold no plugin's metric names.
 * Observer hooks (``corex_run_start`` ... ``corex_run_end``) are called with keyword arguments;
   every implementation runs and return values are ignored. Use them for loggers and custom studies.
 
@@ -22,104 +25,67 @@ subset of a hook's arguments (pluggy passes only the ones it names).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pluggy
 
 from corex.context import RunContext
-from corex.interfaces import (AugmentationFactory, DataSourceFactory, EncoderFactory, EvaluatorFactory, HeadFactory,
-                              ObjectiveFactory)
+from corex.kinds import KINDS, Kind, hook_doc
+from corex.metrics import Finding, Metric
 
 PROJECT = "corex"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-OptimizerFactory = Callable[..., Any]  # returns a torch.optim.Optimizer
-ScheduleFactory = Callable[..., Any]  # returns a torch.optim.lr_scheduler.LRScheduler
+# -- registration: one hook per kind of component (corex.kinds) --------------------------------------
 
-# -- registration ---------------------------------------------------------------------------------
+
+def _registration_hook(kind: Kind) -> Callable[[], Mapping[str, Callable[..., Any]]]:
+    def hook() -> Mapping[str, Callable[..., Any]]: ...
+
+    hook.__name__ = hook.__qualname__ = kind.hook
+    hook.__doc__ = hook_doc(kind)
+    hook.__annotations__ = {"return": f"Mapping[str, Callable[..., {kind.protocol.__name__}]]"}
+    return hookspec(hook)
+
+
+for _kind in KINDS.values():
+    globals()[_kind.hook] = _registration_hook(_kind)
+del _kind
+
+
+# -- reports ----------------------------------------------------------------------------------------
 
 
 @hookspec
-def corex_encoders() -> Mapping[str, EncoderFactory]:
-    """Name encoder factories.
+def corex_metrics() -> Sequence[Metric]:
+    """Declare the metrics this plugin's evaluators compute: name (or a ``prefix/*`` family),
+    a reader's title, whether higher is better, whether it is a headline figure, and optionally how
+    to recompute it from study-level predictions (for ``corex compare``'s paired bootstrap).
 
-    Called once when the registry is first needed. Each factory returns an
-    :class:`~corex.interfaces.Encoder`: an ``nn.Module`` mapping ``(B, C, H, W)`` images to a
-    feature pyramid. Recipe key: ``model.encoder``.
+    Called when a report, the run's summary table, ``corex compare`` or ``corex study`` needs them.
+    Two plugins declaring one name is an error naming both. Must stay light (no torch).
     """
 
 
 @hookspec
-def corex_objectives() -> Mapping[str, ObjectiveFactory]:
-    """Name self-supervised objective factories.
+def corex_findings(run_dir: Path, stage: str, result: Mapping[str, Any]) -> Sequence[Finding]:
+    """Plain sentences about one evaluate stage of a finished run, computed from its numbers.
 
-    Each factory returns an :class:`~corex.interfaces.Objective`. The core passes the shared
-    encoder as ``encoder`` (plus ``channels``, ``strides``, ``batch_size``, ``dataset_size`` where the factory's
-    signature asks for them). Recipe key: ``stages.<name>.objective`` of a ``pretrain`` stage.
+    ``result`` is the stage's entry of ``results.json``; the stage's artefacts are in
+    ``run_dir / stage``. Return findings only about the metrics and files your plugin's evaluators
+    write (an empty list when the stage has none of them). Every implementation runs; the report
+    shows verdicts first, then the rest in plugin order.
     """
 
 
 @hookspec
-def corex_heads() -> Mapping[str, HeadFactory]:
-    """Name task-head factories.
-
-    Each factory returns a :class:`~corex.interfaces.Head`. The core passes the encoder's
-    ``channels`` and ``strides`` and the dataset's ``num_classes`` where the signature asks.
-    Recipe key: ``stages.<name>.heads.<head>`` of a ``train`` stage.
-    """
-
-
-@hookspec
-def corex_evaluators() -> Mapping[str, EvaluatorFactory]:
-    """Name evaluator factories.
-
-    Each factory returns an :class:`~corex.interfaces.Evaluator` (streaming ``update`` /
-    ``compute``). The core passes ``class_names`` where the signature asks.
-    Recipe key: ``stages.<name>.evaluators``.
-    """
-
-
-@hookspec
-def corex_augmentations() -> Mapping[str, AugmentationFactory]:
-    """Name batch-augmentation factories.
-
-    Each factory returns an :class:`~corex.interfaces.Augmentation` that transforms a batch on the
-    device where it lives, image and mask together. Recipe key: ``stages.<name>.augment``.
-    """
-
-
-@hookspec
-def corex_datasets() -> Mapping[str, DataSourceFactory]:
-    """Name dataset factories.
-
-    Each factory returns a :class:`~corex.interfaces.DataSource`. The core passes ``image_size``,
-    ``seed`` and ``cache_dir`` where the signature asks. Recipe key: ``data``.
-    """
-
-
-@hookspec
-def corex_optimizers() -> Mapping[str, OptimizerFactory]:
-    """Name optimizer factories.
-
-    Each factory returns a ``torch.optim.Optimizer``. The core passes ``param_groups`` (weights
-    with the recipe's ``weight_decay``, biases and normalisation weights without) and, where the
-    signature asks, the recipe's ``lr``, ``weight_decay``, ``momentum`` and ``betas``; other keys
-    of the recipe's optimizer block are the factory's own options. Recipe key: ``optimizer``
-    (or ``stages.<name>.optimizer``).
-    """
-
-
-@hookspec
-def corex_schedules() -> Mapping[str, ScheduleFactory]:
-    """Name learning-rate schedule factories.
-
-    Each factory returns a ``torch.optim.lr_scheduler.LRScheduler`` that the engine steps after
-    every optimisation step and saves in checkpoints. The core passes ``optimizer``,
-    ``steps_per_epoch`` and ``epochs`` and, where the signature asks, the recipe's
-    ``warmup_epochs`` and ``min_lr_ratio``. Recipe key: ``schedule`` (or ``stages.<name>.schedule``).
-    """
+def corex_artefacts() -> Mapping[str, str]:
+    """Describe the files your evaluators write into an evaluate stage's folder: ``{file name: what
+    it shows}`` (``{split}`` is replaced by the stage's split). The report captions figures with
+    these; the run directory's README lists them."""
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -156,3 +122,6 @@ def corex_stage_end(run: RunContext, stage: str, results: Mapping[str, Any]) -> 
 @hookspec
 def corex_run_end(run: RunContext, results: Mapping[str, Any]) -> None:
     """Called after the last stage, with the complete ``results.json`` content."""
+
+
+__all__ = ["PROJECT", "hookimpl", "hookspec"]

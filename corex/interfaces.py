@@ -200,14 +200,44 @@ class Preparable(Protocol):
     def prepare(self) -> None: ...
 
 
-# What a factory registered through each hook returns (see corex.hookspecs).
+@runtime_checkable
+class Optimizer(Protocol):
+    """What the engine uses of a ``torch.optim.Optimizer`` (any subclass matches)."""
+
+    param_groups: list[dict[str, Any]]
+
+    def step(self) -> Any: ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """What the engine uses of a ``torch.optim.lr_scheduler.LRScheduler``: stepped after every
+    optimisation step, saved in checkpoints."""
+
+    def step(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+# What a factory registered through each hook returns (see corex.kinds and corex.hookspecs).
 EncoderFactory = Callable[..., Encoder]
 HeadFactory = Callable[..., Head]
 ObjectiveFactory = Callable[..., Objective]
 EvaluatorFactory = Callable[..., Evaluator]
 AugmentationFactory = Callable[..., Augmentation]
 DataSourceFactory = Callable[..., DataSource]
+OptimizerFactory = Callable[..., Optimizer]
+ScheduleFactory = Callable[..., Schedule]
 
 __all__ = ["Augmentation", "AugmentationFactory", "Batch", "Calibrated", "DataSource", "DataSourceFactory", "Encoder",
            "EncoderFactory", "EpochEndHook", "Evaluator", "EvaluatorFactory", "HasIntervals", "Head", "HeadFactory",
-           "NeedsModel", "Objective", "ObjectiveFactory", "Preparable", "SavesArtefacts"]
+           "NeedsModel", "Objective", "ObjectiveFactory", "Optimizer", "OptimizerFactory", "Preparable", "SavesArtefacts",
+           "Schedule", "ScheduleFactory"]

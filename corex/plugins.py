@@ -30,23 +30,11 @@ import pluggy
 
 from corex import hookspecs
 from corex.errors import CorexError, PluginError, did_you_mean
-
-# Recipe-facing kind name -> registration hook.
-KINDS: dict[str, str] = {
-    "encoders": "corex_encoders",
-    "objectives": "corex_objectives",
-    "heads": "corex_heads",
-    "evaluators": "corex_evaluators",
-    "augmentations": "corex_augmentations",
-    "datasets": "corex_datasets",
-    "optimizers": "corex_optimizers",
-    "schedules": "corex_schedules",
-}
-_SINGULAR = {kind: kind[:-1] for kind in KINDS}
+from corex.kinds import KINDS
 
 
 @attrs.frozen
-class Component:
+class Registered:
     """A registered factory and the plugin that provides it."""
 
     kind: str
@@ -161,8 +149,15 @@ def call_each(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> list[A
     """Call every implementation of a hook as pluggy would (last registered first), turning an
     exception into a :class:`PluginError` naming the plugin (for hooks that set corex up, such as
     ``corex_cli``; a CorexError a plugin raises on purpose passes through)."""
+    return [result for _, result in call_named(pm, hook_name, order="pluggy", **kwargs)]
+
+
+def call_named(pm: pluggy.PluginManager, hook_name: str, *, order: str = "registration", **kwargs: Any) -> list[tuple[str, Any]]:
+    """``(plugin name, result)`` of every implementation that returned something, in registration
+    order (``order="pluggy"``: last registered first); a plugin's exception becomes a PluginError naming it."""
     results = []
-    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+    impls = getattr(pm.hook, hook_name).get_hookimpls()
+    for impl in impls if order == "registration" else reversed(impls):
         try:
             result = impl.function(**{name: kwargs[name] for name in impl.argnames})
         except CorexError:
@@ -170,7 +165,7 @@ def call_each(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> list[A
         except Exception as exc:
             raise PluginError(f"plugin '{plugin_name(pm, impl.plugin)}': {hook_name}() raised {_describe(exc)}") from exc
         if result is not None:
-            results.append(result)
+            results.append((plugin_name(pm, impl.plugin), result))
     return results
 
 
@@ -198,18 +193,19 @@ class Registry:
 
     def __init__(self, pm: pluggy.PluginManager | None = None):
         self.pm = pm or get_plugin_manager()
-        self._components: dict[str, dict[str, Component]] = {}
+        self._components: dict[str, dict[str, Registered]] = {}
 
-    def components(self, kind: str) -> dict[str, Component]:
+    def components(self, kind: str) -> dict[str, Registered]:
         if kind not in KINDS:
             raise KeyError(f"unknown component kind '{kind}'; kinds are {', '.join(KINDS)}")
         if kind not in self._components:
             self._components[kind] = self._collect(kind)
         return self._components[kind]
 
-    def _collect(self, kind: str) -> dict[str, Component]:
-        found: dict[str, Component] = {}
-        hook = getattr(self.pm.hook, KINDS[kind])
+    def _collect(self, kind: str) -> dict[str, Registered]:
+        found: dict[str, Registered] = {}
+        declared = KINDS[kind]
+        hook = getattr(self.pm.hook, declared.hook)
         # Call implementations one by one so that every name is attributed to its plugin.
         for impl in reversed(hook.get_hookimpls()):
             owner = plugin_name(self.pm, impl.plugin)
@@ -218,21 +214,21 @@ class Registry:
             except CorexError:
                 raise
             except Exception as exc:  # a broken plugin must not pass for an unknown name
-                raise PluginError(f"plugin '{owner}': {KINDS[kind]}() raised {_describe(exc)}") from exc
+                raise PluginError(f"plugin '{owner}': {declared.hook}() raised {_describe(exc)}") from exc
             if not isinstance(provided, dict):
-                raise PluginError(f"plugin '{owner}': {KINDS[kind]}() must return a dict of name to factory, got {type(provided).__name__}")
+                raise PluginError(f"plugin '{owner}': {declared.hook}() must return a dict of name to factory, got {type(provided).__name__}")
             for name, factory in provided.items():
                 if not callable(factory):
-                    raise PluginError(f"plugin '{owner}': {_SINGULAR[kind]} '{name}' is not callable")
+                    raise PluginError(f"plugin '{owner}': {declared.singular} '{name}' is not callable")
                 if name in found:
                     raise PluginError(
-                        f"{_SINGULAR[kind]} '{name}' is registered twice: by plugin '{found[name].plugin}' "
+                        f"{declared.singular} '{name}' is registered twice: by plugin '{found[name].plugin}' "
                         f"and by plugin '{owner}'. Block one with COREX_DISABLE_PLUGINS or rename it."
                     )
-                found[name] = Component(kind, name, factory, owner)
+                found[name] = Registered(kind, name, factory, owner)
         return found
 
-    def get(self, kind: str, name: str) -> Component:
+    def get(self, kind: str, name: str) -> Registered:
         available = self.components(kind)
         if name in available:
             return available[name]
@@ -242,7 +238,7 @@ class Registry:
         available = self.components(kind)
         listing = ", ".join(f"{n} ({c.plugin})" for n, c in sorted(available.items())) or "none"
         hint = did_you_mean(name, available) or "."
-        return f"{_SINGULAR[kind]} '{name}' is not registered{hint} Available: {listing}"
+        return f"{KINDS[kind].singular} '{name}' is not registered{hint} Available: {listing}"
 
 
 def describe_plugins(pm: pluggy.PluginManager | None = None) -> list[dict[str, Any]]:
@@ -275,3 +271,7 @@ def describe_plugins(pm: pluggy.PluginManager | None = None) -> list[dict[str, A
             "components": {k: v for k, v in components.items() if v},
         })
     return sorted(rows, key=lambda row: row["name"])
+
+
+__all__ = ["Registered", "Registry", "call_each", "call_named", "check", "create_plugin_manager", "describe_plugins", "get_plugin_manager",
+           "plugin_name", "register", "reset_plugin_manager"]

@@ -55,6 +55,17 @@ def _every() -> int | None:
     return int(value) if value not in (None, "", 0, "0") else None
 
 
+def log(message: str) -> None:
+    """A line on stderr. Under torch.distributed (torchrun sets ``RANK`` and ``WORLD_SIZE``) only rank 0
+    speaks, and says so."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        if int(os.environ.get("RANK", "0") or 0) != 0:
+            return
+        message = f"[rank 0/{world}] {message}"
+    print(message, file=sys.stderr, flush=True)
+
+
 def format_duration(seconds: float | None) -> str:
     """``1:02:03`` or ``2:03``; ``?`` when unknown."""
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
@@ -169,4 +180,4 @@ def progress(total: int | None, desc: str, *, unit: str = "step", stream: IO[str
     return Progress(total, desc, unit=unit, stream=stream, note=note)
 
 
-__all__ = ["MODES", "Progress", "current_mode", "format_duration", "format_value", "progress", "set_mode"]
+__all__ = ["MODES", "Progress", "current_mode", "format_duration", "format_value", "log", "progress", "set_mode"]

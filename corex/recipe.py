@@ -9,284 +9,19 @@ the factory that provides it (see :mod:`corex.binding`). Paths in messages use s
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import math
-import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import yaml
 
 from corex.binding import Problems, bind_options, check_value
 from corex.errors import RecipeError, did_you_mean
+from corex.kinds import KINDS
 from corex.plugins import Registry
-
-# Arguments the core supplies to factories of each kind (see docs/writing-a-plugin.md).
-INJECTED: dict[str, tuple[str, ...]] = {
-    "encoders": (),
-    "heads": ("channels", "strides", "num_classes"),
-    "objectives": ("encoder", "channels", "strides", "batch_size", "dataset_size"),
-    "evaluators": ("class_names", "split"),
-    "augmentations": (),
-    "datasets": ("image_size", "seed", "cache_dir"),
-    "optimizers": ("param_groups", "lr", "weight_decay", "momentum", "betas"),
-    "schedules": ("optimizer", "steps_per_epoch", "epochs", "warmup_epochs", "min_lr_ratio"),
-}
-
-StageKind = Literal["train", "pretrain", "evaluate"]
-_TRAINING_KEYS = ("kind", "data", "epochs", "batch_size", "optimizer", "schedule", "augment", "encoder_from", "grad_clip", "amp",
-                  "max_steps_per_epoch", "checkpoint_every")
-# The stage keys that mean something for each kind of stage (the resolved recipe shows only these).
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "train": (*_TRAINING_KEYS, "heads", "evaluators", "freeze", "select", "ema"),
-    "pretrain": (*_TRAINING_KEYS, "objective"),
-    "evaluate": ("kind", "data", "batch_size", "evaluators", "split", "encoder_from", "amp"),
-}
-
-# libyaml's safe loader where PyYAML has it: the same YAML, read several times faster.
-SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-# -- value checks, run as each value is read so that they are reported with every other problem ----
-
-
-def _number(value: float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:g}"
-
-
-@attrs.frozen
-class Limits:
-    """The sensible values of a numeric recipe key: bounds (each open or closed), a step, a reason.
-
-    Attached to a schema field as ``metadata={"check": Limits(...)}``; a tuple value (``betas``)
-    is checked item by item.
-    """
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # True: ``low`` itself is refused
-    high_open: bool = False
-    multiple_of: int | None = None
-    low_why: str = ""  # said when the value is below ``low``
-    high_why: str = ""  # said when the value is above ``high``
-    multiple_why: str = ""  # said when the value is not a multiple
-
-    def __call__(self, value: float) -> str | None:
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"must be a finite number, got {value}"
-        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
-        if too_low or too_high:
-            why = self.low_why if too_low else self.high_why
-            return f"must be {self._wanted(too_low)}, got {_number(value)}{f' ({why})' if why else ''}"
-        if self.multiple_of and value % self.multiple_of:
-            because = f" ({self.multiple_why})" if self.multiple_why else ""
-            return f"must be a multiple of {self.multiple_of}{because}, got {_number(value)}"
-        return None
-
-    def _wanted(self, too_low: bool) -> str:
-        """The interval, or when a bound has a reason of its own, just the bound that was crossed."""
-        if self.low is not None and self.high is not None and not (self.low_why or self.high_why):
-            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
-        if too_low:
-            return f"{'greater than' if self.low_open else 'at least'} {_number(self.low)}"
-        return f"{'less than' if self.high_open else 'at most'} {_number(self.high)}"
-
-
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-
-def _device_problem(value: str) -> str | None:
-    if DEVICE.fullmatch(value):
-        return None
-    hint = did_you_mean(value, ["auto", "cpu", "cuda", "mps"])
-    return f"expected auto, cpu, cuda, cuda:N (a GPU index) or mps, got {value!r}{hint}"
-
-
-def checked(default: Any, check: Callable[[Any], str | None]) -> Any:
-    """A schema field whose well-typed value must also pass ``check`` (a message, or None if fine)."""
-    return attrs.field(default=default, metadata={"check": check})
-
-
-POSITIVE = Limits(low=0, low_open=True)
-NON_NEGATIVE = Limits(low=0)
-AT_LEAST_ONE = Limits(low=1)
-FRACTION = Limits(low=0, high=1)
-MAX_EPOCHS = 100_000
-BATCH_SIZES = Limits(low=1, high=2**20, high_why="more than a million images per batch is surely a typo")
-LOADER_WORKERS = Limits(low=0, high=1024, high_why="each worker is a process")
-IMAGE_SIZES = Limits(
-    low=32, high=4096, multiple_of=32, low_why="the encoders' deepest stride", multiple_why="the encoders' deepest stride",
-    high_why="a larger side would not fit in memory: the decoded cache alone holds 2 bytes per pixel of every image",
-)
-
-
-@attrs.define
-class Component:
-    """A component reference: registered ``name`` plus the options bound to its factory."""
-
-    name: str
-    options: dict[str, Any] = attrs.field(factory=dict)
-
-
-
-@attrs.define
-class Head:
-    component: Component
-    weight: float = checked(1.0, NON_NEGATIVE)
-
-
-@attrs.define
-class Data:
-    name: str
-    image_size: int = checked(256, IMAGE_SIZES)
-    batch_size: int = checked(16, BATCH_SIZES)
-    num_workers: int = checked(0, LOADER_WORKERS)
-    label_fraction: float = checked(1.0, Limits(low=0, high=1, low_open=True))
-    # Reduce the validation split to label_fraction too: with 10% of the labels, model selection
-    # on a fully labelled validation split would use labels the study pretends not to have.
-    reduce_val: bool = False
-    cache_dir: Path | None = None
-    options: dict[str, Any] = attrs.field(factory=dict)
-
-
-@attrs.define
-class Model:
-    encoder: Component
-    channels_last: bool = True
-    # Batch-norm statistics over the whole global batch under torch.distributed (CUDA only).
-    sync_batchnorm: bool = False
-
-
-@attrs.define
-class Optimizer:
-    """A registered optimizer (built-ins: sgd, adam, adamw) with the core's settings; any other key
-    is the optimizer factory's own option."""
-
-    name: str = "adamw"
-    lr: float = checked(1e-3, POSITIVE)
-    weight_decay: float = checked(1e-4, NON_NEGATIVE)
-    momentum: float = checked(0.9, Limits(low=0, high=1, high_open=True))  # SGD only
-    betas: tuple[float, float] = checked((0.9, 0.999), Limits(low=0, high=1, high_open=True))  # Adam/AdamW only
-    options: dict[str, Any] = attrs.field(factory=dict)
-
-
-@attrs.define
-class Schedule:
-    """A registered learning-rate schedule (built-ins: cosine, constant); any other key is the
-    schedule factory's own option."""
-
-    name: str = "cosine"
-    warmup_epochs: float = checked(0.0, NON_NEGATIVE)
-    min_lr_ratio: float = checked(0.0, FRACTION)
-    options: dict[str, Any] = attrs.field(factory=dict)
-
-
-@attrs.define
-class Select:
-    """Which validation metric picks the best checkpoint of a train stage."""
-
-    metric: str = "loss"
-    mode: Literal["min", "max", "auto"] = "auto"
-
-    @property
-    def maximize(self) -> bool:
-        return self.mode == "max" or (self.mode == "auto" and "loss" not in self.metric)
-
-
-@attrs.define
-class Stage:
-    name: str
-    kind: StageKind
-    epochs: int = checked(1, Limits(low=1, high=MAX_EPOCHS, high_why=f"more than {MAX_EPOCHS:,} epochs is surely a typo"))
-    batch_size: int | None = checked(None, BATCH_SIZES)  # None: data.batch_size
-    optimizer: Optimizer | None = None
-    schedule: Schedule | None = None
-    heads: dict[str, Head] = attrs.field(factory=dict)
-    objective: Component | None = None
-    augment: Component | None = None
-    evaluators: list[Component] = attrs.field(factory=list)
-    split: Literal["train", "val", "test"] = "test"
-    encoder_from: str | None = None
-    freeze: bool = False
-    select: Select = attrs.field(factory=Select)
-    grad_clip: float | None = checked(None, POSITIVE)  # None: no clipping
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    max_steps_per_epoch: int | None = checked(None, AT_LEAST_ONE)
-    # This stage's own data source (e.g. pre-training on an unlabelled corpus); None: the recipe's.
-    data: Data | None = None
-    # Also write last.pt every N optimisation steps, for epochs too long to lose (None: epoch ends only).
-    checkpoint_every: int | None = checked(None, AT_LEAST_ONE)
-    # Exponential moving average of the weights with this decay (e.g. 0.999), used for validation and
-    # the stage's final model (None: off).
-    ema: float | None = checked(None, Limits(low=0, high=1, low_open=True, high_open=True))
-
-
-@attrs.define
-class Recipe:
-    name: str
-    data: Data
-    model: Model
-    stages: dict[str, Stage]
-    description: str = ""
-    seed: int = checked(0, Limits(low=0, high=2**63 - 1))
-    device: str = checked("auto", _device_problem)
-    deterministic: bool = False
-    output: Path | None = None
-    optimizer: Optimizer = attrs.field(factory=Optimizer)
-    schedule: Schedule = attrs.field(factory=Schedule)
-    source: str | None = attrs.field(default=None, eq=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data that :func:`load_recipe` turns back into an equal recipe."""
-        return _unstructure(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def digest(self) -> str:
-        """A short hash of the resolved recipe, recorded in exports and used to check resumes."""
-        data = self.resolved(Path("."))
-        data["data"].pop("cache_dir")  # where decoded images are kept changes no result
-        text = json.dumps(data, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def stage_optimizer(self, stage: Stage) -> Optimizer:
-        return stage.optimizer or self.optimizer
-
-    def stage_schedule(self, stage: Stage) -> Schedule:
-        return stage.schedule or self.schedule
-
-    def stage_data(self, stage: Stage) -> Data:
-        """The data a stage reads: its own ``data``, else the recipe's."""
-        return stage.data if stage.data is not None else self.data
-
-    def stage_batch_size(self, stage: Stage) -> int:
-        return self.stage_data(stage).batch_size if stage.batch_size is None else stage.batch_size
-
-    def resolved(self, default_cache: Path) -> dict[str, Any]:
-        """The recipe as a run uses it: each stage's inherited optimizer, schedule and batch size
-        and the cache path filled in, and keys that mean nothing for a stage's kind left out.
-        Loading it back gives a recipe whose ``resolved()`` is the same."""
-        data = self.to_dict()
-        data["data"]["cache_dir"] = str(Path(self.data.cache_dir or default_cache).expanduser())
-        for name, stage in self.stages.items():
-            entry = data["stages"][name]
-            entry["batch_size"] = self.stage_batch_size(stage)
-            if stage.data is not None:
-                entry["data"]["cache_dir"] = str(Path(stage.data.cache_dir or default_cache).expanduser())
-            if stage.kind != "evaluate":
-                entry["optimizer"] = _unstructure(self.stage_optimizer(stage))
-                entry["schedule"] = _unstructure(self.stage_schedule(stage))
-            keep = [k for k in STAGE_KEYS[stage.kind] if k != "data" or stage.data is not None]  # no `data: null` noise
-            data["stages"][name] = {k: v for k, v in entry.items() if k in keep}
-        return data
-
+from corex.schema import (SAFE_LOADER, Component, Data, Head, Limits, Model, Optimizer, Recipe, Schedule, Select, Stage, StageKind)
 
 # -- loading --------------------------------------------------------------------------------------
 
@@ -307,6 +42,25 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RecipeError([f"the top level must be a mapping, got {type(data).__name__}"], source=str(path))
     return data
+
+
+def shipped_recipes() -> Path:
+    """The folder of the recipes installed with corex (the package data ``corex.recipes``, the repository's recipes/)."""
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("corex.recipes")))
+    except (ModuleNotFoundError, TypeError):
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def find_recipe(name: str | Path) -> Path:
+    """A path as given, or a shipped recipe by name (``quickstart``, ``phantom/moco_classification``)."""
+    path = Path(name)
+    if path.exists() or path.suffix in {".yaml", ".yml"}:
+        return path
+    shipped = shipped_recipes() / f"{name}.yaml"
+    return shipped if shipped.exists() else path
 
 
 def first_comment(path: Path) -> str:
@@ -538,67 +292,35 @@ def _head(key: str, value: Any, path: str, problems: Problems) -> Head | None:
     return Head(Component(name, options), weight)
 
 
-def _unstructure(obj: Any) -> Any:
-    if isinstance(obj, Component):
-        return {"name": obj.name, **_unstructure(obj.options)}
-    if isinstance(obj, Head):
-        return {"name": obj.component.name, "weight": obj.weight, **_unstructure(obj.component.options)}
-    if isinstance(obj, (Data, Optimizer, Schedule)):
-        out = {f.name: _unstructure(getattr(obj, f.name)) for f in attrs.fields(type(obj)) if f.name != "options"}
-        return {**out, **_unstructure(obj.options)}
-    if isinstance(obj, Stage):
-        return {f.name: _unstructure(getattr(obj, f.name)) for f in attrs.fields(Stage) if f.name != "name"}
-    if attrs.has(type(obj)):
-        return {f.name: _unstructure(getattr(obj, f.name)) for f in attrs.fields(type(obj)) if f.name != "source"}
-    if isinstance(obj, Mapping):
-        return {k: _unstructure(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_unstructure(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 # -- binding components and cross-references -------------------------------------------------------
 
 
 def iter_components(recipe: Recipe):
-    """Yield ``(kind, recipe path, Component)`` for every component the recipe names."""
-    yield "datasets", "data", Component(recipe.data.name, recipe.data.options)
-    yield "optimizers", "optimizer", Component(recipe.optimizer.name, recipe.optimizer.options)
-    yield "schedules", "schedule", Component(recipe.schedule.name, recipe.schedule.options)
-    if recipe.model.encoder is not None:
-        yield "encoders", "model.encoder", recipe.model.encoder
-    for stage in recipe.stages.values():
-        base = f"stages.{stage.name}"
-        if stage.data is not None:
-            yield "datasets", f"{base}.data", Component(stage.data.name, stage.data.options)
-        if stage.optimizer is not None:
-            yield "optimizers", f"{base}.optimizer", Component(stage.optimizer.name, stage.optimizer.options)
-        if stage.schedule is not None:
-            yield "schedules", f"{base}.schedule", Component(stage.schedule.name, stage.schedule.options)
-        for head_name, head in stage.heads.items():
-            yield "heads", f"{base}.heads.{head_name}", head.component
-        if stage.objective is not None:
-            yield "objectives", f"{base}.objective", stage.objective
-        if stage.augment is not None:
-            yield "augmentations", f"{base}.augment", stage.augment
-        for i, evaluator in enumerate(stage.evaluators):
-            yield "evaluators", f"{base}.evaluators[{i}]", evaluator
+    """Yield ``(kind, recipe path, Component)`` for every component the recipe names, where each
+    kind's declaration (:mod:`corex.kinds`) says it sits."""
+    for kind in KINDS.values():
+        for path, component in kind.locate(recipe):
+            yield kind.name, path, component
+
+
+def bind_component(registry: Registry, kind: str, component: Component, path: str, problems: Problems) -> bool:
+    """Bind ``component``'s options to its registered factory in place (converted to the annotated
+    types); every problem goes to ``problems`` with its path. False when the name is not registered."""
+    try:
+        registered = registry.get(kind, component.name)
+    except KeyError as exc:
+        problems.add(f"{path}.name" if KINDS[kind].block else path, exc.args[0])
+        return False
+    bound = bind_options(registered.factory, component.options, path, problems, injected=KINDS[kind].injected)
+    component.options.clear()  # in place: a data block's Component shares its options dict
+    component.options.update(bound)
+    return True
 
 
 def _bind_components(recipe: Recipe, registry: Registry, problems: Problems) -> None:
     for kind, path, component in iter_components(recipe):
-        if not isinstance(component.name, str):
-            continue  # a name of the wrong type: already reported by the schema check
-        try:
-            registered = registry.get(kind, component.name)
-        except KeyError as exc:
-            problems.add(path if kind not in ("datasets", "optimizers", "schedules") else f"{path}.name", exc.args[0])
-            continue
-        bound = bind_options(registered.factory, component.options, path, problems, injected=INJECTED[kind])
-        component.options.clear()  # in place: a data block's Component shares its options dict
-        component.options.update(bound)
+        if isinstance(component.name, str):  # a name of the wrong type: already reported by the schema check
+            bind_component(registry, kind, component, path, problems)
 
 
 def _cross_check(recipe: Recipe, problems: Problems) -> None:
@@ -646,3 +368,7 @@ def _cross_check(recipe: Recipe, problems: Problems) -> None:
         if stage.checkpoint_every is not None and stage.kind == "evaluate":
             problems.add(f"{base}.checkpoint_every", "an evaluate stage trains nothing and writes no checkpoints")
         seen.append(stage.name)
+
+
+__all__ = ["Component", "Data", "Head", "Limits", "Model", "Optimizer", "Recipe", "Schedule", "Select", "Stage", "StageKind",
+           "apply_overrides", "bind_component", "find_recipe", "first_comment", "iter_components", "load_recipe", "read_yaml", "shipped_recipes"]

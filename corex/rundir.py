@@ -261,84 +261,19 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
 
 
-# Validation metrics worth a line on the curves, best first; counts and per-class values are not.
-HEADLINE = ("val/macro_f1", "val/balanced_accuracy", "val/auroc", "val/dice")
+def fault_point(point: str, stage: str, epoch: int | None = None) -> None:
+    """Kill this process at a named point when ``COREX_FAULT_AT`` asks for it (fault tests only).
 
-
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """``curves.png``: per stage, the losses above and the validation metrics below, by epoch.
-
-    The best epoch of each stage is marked with a vertical line and a star on the metric that
-    chose it: the highest ``val/macro_f1`` where the rows have it, else the lowest ``val/loss``
-    (the legend says which). Every series has its own colour, and legends sit below the panels so
-    that they cover no data.
+    ``COREX_FAULT_AT=after_checkpoint:train:2`` dies with SIGKILL right after stage ``train``
+    wrote epoch 2's ``last.pt``, before its metrics row, as a power cut would.
     """
-    stages = list(dict.fromkeys(r["stage"] for r in rows))
-    if not stages:
-        return
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    wanted = os.environ.get("COREX_FAULT_AT")
+    if wanted and wanted == f"{point}:{stage}" + (f":{epoch}" if epoch is not None else ""):
+        import signal
 
-    metric_keys = ("val/macro_f1", "val/balanced_accuracy", "val/auroc", "val/study_map", "val/dice/positive", "val/dice")
-    loss_keys = ("train/loss", "val/loss")
-    present = {k for r in rows for k in r}
-    # One colour per series, the same in every stage's panels.
-    palette = colormaps["tab10"]
-    colours = {key: palette(i) for i, key in enumerate((*loss_keys, *metric_keys))}
-    with_metrics = any(k in present for k in metric_keys)
-    figure = Figure(figsize=(5.2 * len(stages), 6.4 if with_metrics else 3.9), layout="constrained")
-    grid = figure.subplots(2 if with_metrics else 1, len(stages), squeeze=False, sharex="col")
-    for column, stage in enumerate(stages):
-        stage_rows = [r for r in rows if r["stage"] == stage]
-        epochs = [r["epoch"] for r in stage_rows]
-        loss_axes = grid[0, column]
-        panels = [(loss_axes, loss_keys)] + ([(grid[1, column], metric_keys)] if with_metrics else [])
-        for axes, keys in panels:
-            for key in keys:
-                values = [r.get(key) for r in stage_rows]
-                if any(v is not None for v in values):
-                    values = [float("nan") if v is None else v for v in values]
-                    style = "--" if key == "val/loss" else "-"
-                    axes.plot(epochs, values, style, marker="o", markersize=3, color=colours[key], label=key)
-        loss_axes.set(ylabel="loss", title=f"stage '{stage}'")
-        if with_metrics:
-            grid[1, column].set(ylabel="validation metric", ylim=(0, 1.02))
-        grid[-1, column].set_xlabel("epoch")
-        grid[-1, column].xaxis.set_major_locator(MaxNLocator(integer=True))
-        best = _best_epoch(stage_rows)
-        if best is not None:
-            epoch, key, value, label = best
-            for axes, keys in panels:
-                axes.axvline(epoch, color="black", linestyle=":", linewidth=1.2, label=label if key in keys else None)
-                if key in keys:
-                    axes.plot([epoch], [value], marker="*", markersize=13, color="black", linestyle="none", clip_on=False, zorder=5)
-        lowest = loss_axes
-        for axes, _ in panels[1:]:
-            if axes.get_legend_handles_labels()[0]:
-                lowest = axes
-            else:  # e.g. a pretrain stage: no validation
-                axes.set_axis_off()
-                axes.text(0.5, 0.5, "no validation metrics in this stage", ha="center", va="center",
-                          transform=axes.transAxes, color="grey")
-                loss_axes.tick_params(labelbottom=True)
-                loss_axes.set_xlabel("epoch")
-        for axes, _ in panels:
-            if axes.get_legend_handles_labels()[0]:
-                # Below the panel, clear of the epoch axis where this panel carries it.
-                axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2 if axes is lowest else -0.08),
-                            ncols=2, fontsize=7, frameon=False)
-    figure.suptitle("Training curves")
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=110, format="png")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _best_epoch(rows: list[dict[str, Any]]) -> tuple[int, str, float, str] | None:
-    """The epoch a stage's selection would keep (highest val/macro_f1, else lowest val/loss; the
-    first on a tie) as ``(epoch, key, value, legend label)``."""
-    for key, pick, word in (("val/macro_f1", max, "highest"), ("val/loss", min, "lowest")):
-        scored = [(r[key], r["epoch"]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        if scored:
-            value, epoch = pick(scored, key=lambda pair: pair[0])
-            return epoch, key, value, f"best epoch {epoch}: {word} {key} ({value:.3f})"
-    return None
+__all__ = ["MetricsLog", "RunLock", "atomic_path", "atomic_write_text", "fault_point", "provenance", "read_json", "remove_temporaries",
+           "save_torch", "write_json"]

@@ -159,11 +159,11 @@ def assert_light(package: str, heavy: Sequence[str] = HEAVY) -> None:
     code = textwrap.dedent(f"""
         import argparse, importlib, inspect, sys
         from corex.binding import type_hints
-        from corex.plugins import KINDS
+        from corex.kinds import KINDS
 
         module = importlib.import_module({package!r})
-        for hook in KINDS.values():
-            for factory in getattr(module, hook, lambda: {{}})().values():
+        for kind in KINDS.values():
+            for factory in getattr(module, kind.hook, lambda: {{}})().values():
                 inspect.signature(factory), type_hints(factory)
         if hasattr(module, "corex_cli"):
             parser = argparse.ArgumentParser()
@@ -262,3 +262,7 @@ def corex_cli(corex_pm) -> Callable[..., tuple[int, str, str]]:
         return code, out.getvalue(), err.getvalue()
 
     return invoke
+
+
+__all__ = ["HEAVY", "TOY_CLASSES", "ToyPlugin", "ToySource", "assert_light", "assert_mirrors", "corex_cli", "corex_plugin", "corex_pm",
+           "tiny_recipe", "tiny_recipe_dict"]

@@ -1,8 +1,10 @@
-"""corex_cxr: chest X-ray data sources (SIIM-FISABIO-RSNA, image folders, the synthetic phantom).
+"""corex_cxr: chest X-ray data sources (SIIM-FISABIO-RSNA, image folders, the synthetic phantom,
+NIH ChestX-ray14, CheXpert).
 
 Every source decodes its images once into a cache at the recipe's ``image_size`` and serves
 patient-grouped, stratified splits; intensities are float32 in ``[0, 1]``, 0 = air (see
-:mod:`corex_cxr.dicom` and docs/data.md).
+:mod:`corex_cxr.dicom` and docs/data.md). Every item carries ``meta`` for subgroup analysis
+(:mod:`corex_cxr.metadata`); the multi-label sources (``multilabel = True``) add ``labels``.
 
 =========  ==============================  =====================================================
 name       factory                         data
@@ -13,6 +15,10 @@ folder     :func:`folder_source`           PNG/JPEG/DICOM files plus a CSV of la
                                            (:class:`~corex_cxr.folder.FolderSource`)
 phantom    :func:`phantom_source`          synthetic radiographs written in the SIIM layout
                                            (:func:`~corex_cxr.phantom.phantom_siim_source`)
+nih_cxr14  :func:`nih_source`              NIH ChestX-ray14, 14 findings, multi-label
+                                           (:class:`~corex_cxr.nih.NihSource`)
+chexpert   :func:`chexpert_source`         CheXpert, 14 observations with uncertainty, multi-label
+                                           (:class:`~corex_cxr.chexpert.ChexpertSource`)
 =========  ==============================  =====================================================
 
 This module imports no torch, numpy or pydicom: ``corex --help`` and ``corex plugins`` load it to
@@ -28,7 +34,7 @@ from corex.interfaces import DataSource
 from corex.lazy import lazy_exports
 from corex_cxr.cli import corex_cli
 from corex_cxr.errors import DataError
-from corex_cxr.options import CLASS_NAMES, BadSamplePolicy
+from corex_cxr.options import CLASS_NAMES, BadSamplePolicy, HardSubgroup, UncertainPolicy, Views
 
 
 def siim_source(
@@ -90,6 +96,8 @@ def phantom_source(
     studies: int = 400,
     difficulty: float = 0.5,
     label_noise: float = 0.0,
+    hard_subgroup: HardSubgroup = "none",
+    hard_subgroup_strength: float = 0.5,
     size: int | None = None,
     on_bad_sample: BadSamplePolicy = "error",
     val_fraction: float = 0.15,
@@ -103,14 +111,59 @@ def phantom_source(
     from corex_cxr.phantom import phantom_siim_source
 
     return phantom_siim_source(image_size=image_size, seed=seed, cache_dir=cache_dir, studies=studies,
-                               difficulty=difficulty, label_noise=label_noise, size=size, on_bad_sample=on_bad_sample,
+                               difficulty=difficulty, label_noise=label_noise, hard_subgroup=hard_subgroup,
+                               hard_subgroup_strength=hard_subgroup_strength, size=size, on_bad_sample=on_bad_sample,
                                val_fraction=val_fraction, test_fraction=test_fraction, folds=folds, fold=fold,
                                workers=workers)
 
 
+def nih_source(
+    *,
+    root: Path,
+    image_size: int,
+    seed: int = 0,
+    cache_dir: Path,
+    on_bad_sample: BadSamplePolicy = "error",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    folds: int = 0,
+    fold: int = 0,
+    workers: int = 0,
+) -> DataSource:
+    """NIH ChestX-ray14 under ``root`` (see :class:`corex_cxr.nih.NihSource`)."""
+    from corex_cxr.nih import NihSource
+
+    return NihSource(root=root, image_size=image_size, seed=seed, cache_dir=cache_dir, on_bad_sample=on_bad_sample,
+                     val_fraction=val_fraction, test_fraction=test_fraction, folds=folds, fold=fold, workers=workers)
+
+
+def chexpert_source(
+    *,
+    root: Path,
+    image_size: int,
+    seed: int = 0,
+    cache_dir: Path,
+    uncertain: UncertainPolicy = "ignore",
+    views: Views = "frontal",
+    on_bad_sample: BadSamplePolicy = "error",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    folds: int = 0,
+    fold: int = 0,
+    workers: int = 0,
+) -> DataSource:
+    """CheXpert under ``root`` (see :class:`corex_cxr.chexpert.ChexpertSource`)."""
+    from corex_cxr.chexpert import ChexpertSource
+
+    return ChexpertSource(root=root, image_size=image_size, seed=seed, cache_dir=cache_dir, uncertain=uncertain,
+                          views=views, on_bad_sample=on_bad_sample, val_fraction=val_fraction,
+                          test_fraction=test_fraction, folds=folds, fold=fold, workers=workers)
+
+
 @hookimpl
 def corex_datasets():
-    return {"siim": siim_source, "folder": folder_source, "phantom": phantom_source}
+    return {"siim": siim_source, "folder": folder_source, "phantom": phantom_source, "nih_cxr14": nih_source,
+            "chexpert": chexpert_source}
 
 
 __getattr__ = lazy_exports(__name__, {
@@ -118,20 +171,39 @@ __getattr__ = lazy_exports(__name__, {
     "Sample": "corex_cxr.source",
     "SiimSource": "corex_cxr.siim",
     "FolderSource": "corex_cxr.folder",
+    "NihSource": "corex_cxr.nih",
+    "ChexpertSource": "corex_cxr.chexpert",
+    "Meta": "corex_cxr.metadata",
     "write_siim_phantom": "corex_cxr.phantom",
+    # Building blocks for other plugins (corex_predict decodes files exactly as the cache does).
+    "FULL_SCALE": "corex_cxr.cache",
+    "decode_to_cache": "corex_cxr.cache",
+    "read_header": "corex_cxr.dicom",
+    "read_image": "corex_cxr.images",
+    "PICTURE_SUFFIXES": "corex_cxr.images",
 })
 __all__ = [
     "CLASS_NAMES",
+    "FULL_SCALE",
+    "PICTURE_SUFFIXES",
     "BadSamplePolicy",
+    "ChexpertSource",
     "CxrSource",
     "DataError",
     "FolderSource",
+    "Meta",
+    "NihSource",
     "Sample",
     "SiimSource",
+    "chexpert_source",
     "corex_cli",
     "corex_datasets",
+    "decode_to_cache",
     "folder_source",
+    "nih_source",
     "phantom_source",
+    "read_header",
+    "read_image",
     "siim_source",
     "write_siim_phantom",
 ]

@@ -17,7 +17,9 @@ stopped. An edited file (new size or mtime) is decoded again and the others are 
 different set of images gets a new array, with the reusable pixels copied over.
 
 :class:`CachedImages` serves a split from the array: a memory-mapped read, a uint16 to float
-conversion and a mask drawn from the stored boxes; thousands of images per second.
+conversion and a mask drawn from the stored boxes; thousands of images per second. The metadata
+and multi-label targets travel with the items (read from CSVs and headers when the source was
+built), so serving them reads no file.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from corex.rundir import atomic_write_text
 from corex_cxr.dicom import Box, boxes_to_mask, resize_pad
 from corex_cxr.errors import DataError
 from corex_cxr.images import read_image
+from corex_cxr.metadata import Meta
 
 CACHE_VERSION = 1  # bump when decoding or resizing changes what lands in the array
 RESIZE = "longer side to size (antialiased bilinear), centred zero padding"
@@ -309,6 +312,8 @@ class CachedItem:
     study_id: str
     image_id: str
     patient_id: str
+    meta: Meta = Meta()
+    labels: tuple[float, ...] | None = None  # multi-label sources only: 1 positive, 0 negative, -1 unknown
 
 
 class CachedImages(Dataset):
@@ -327,7 +332,7 @@ class CachedImages(Dataset):
         item = self.items[index]
         # numpy, not torch: a torch op on one small image pays for waking its thread pool
         image = np.multiply(self._pixels[item.slot], np.float32(1.0 / FULL_SCALE), dtype=np.float32)
-        return {
+        result = {
             "image": torch.from_numpy(image).unsqueeze(0),
             "label": torch.tensor(item.label, dtype=torch.int64),
             "mask": torch.from_numpy(boxes_to_mask(item.boxes, self.size)).unsqueeze(0),
@@ -335,7 +340,11 @@ class CachedImages(Dataset):
             "study_id": item.study_id,
             "image_id": item.image_id,
             "patient_id": item.patient_id,
+            "meta": item.meta.as_dict(),  # the default collate makes it a dict of lists of str
         }
+        if item.labels is not None:
+            result["labels"] = torch.tensor(item.labels, dtype=torch.float32)
+        return result
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_pixels": None}  # a memory map does not travel to workers

@@ -17,7 +17,7 @@ from corex import hookimpl
 @hookimpl
 def corex_cli(data_commands: argparse._SubParsersAction) -> None:
     """Add ``corex data phantom OUT --studies N [--seed S] [--size PX] [--difficulty D]
-    [--label-noise P]``."""
+    [--label-noise P] [--hard-subgroup none|ap_portable] [--hard-subgroup-strength X]``."""
     parser = data_commands.add_parser(
         "phantom",
         help="write a synthetic chest X-ray data set in the SIIM-FISABIO-RSNA layout",
@@ -36,6 +36,14 @@ def corex_cli(data_commands: argparse._SubParsersAction) -> None:
         "--label-noise", type=float, default=0.0,
         help="fraction of studies relabelled to a random other class (default 0)",
     )
+    parser.add_argument(
+        "--hard-subgroup", choices=("none", "ap_portable"), default="none",
+        help="plant a harder subgroup: AP portable images rendered foggier and noisier (default none)",
+    )
+    parser.add_argument(
+        "--hard-subgroup-strength", type=float, default=0.5,
+        help="how much harder, 0 to 1 (default 0.5)",
+    )
     parser.set_defaults(handler=_run)
 
 
@@ -46,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
         out = write_siim_phantom(
             args.out, studies=args.studies, seed=args.seed, size=args.size,
             difficulty=args.difficulty, label_noise=args.label_noise,
+            hard_subgroup=args.hard_subgroup, hard_subgroup_strength=args.hard_subgroup_strength,
         )
     except (ValueError, FileExistsError) as error:
         print(f"corex data phantom: error: {error}", file=sys.stderr)

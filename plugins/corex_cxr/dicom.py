@@ -244,6 +244,7 @@ def write_dicom(
     transfer_syntax: str = ExplicitVRLittleEndian,
     patient_id: str = "anonymous",
     study_uid: str | None = None,
+    headers: dict[str, Any] | None = None,
 ) -> Path:
     """Write a grey-scale radiograph of ``stored`` values (uint8 or uint16): the reverse of
     :func:`read_dicom`, for tests, benchmarks and synthetic data.
@@ -251,7 +252,8 @@ def write_dicom(
     ``rescale`` is (slope, intercept), ``window`` (center, width), ``voi_lut`` a uint16 table
     whose first input value is 0. ``transfer_syntax``: any syntax pydicom can encode (Explicit
     VR Little Endian, RLE Lossless, JPEG 2000 Lossless with pylibjpeg-openjpeg) or JPEG Baseline
-    (8-bit only, encoded with Pillow at quality 95).
+    (8-bit only, encoded with Pillow at quality 95). ``headers``: more elements by keyword
+    (``{"PatientSex": "F", "ViewPosition": "PA"}``), set last.
     """
     if stored.dtype not in (np.uint8, np.uint16) or stored.ndim != 2:
         raise ValueError(f"stored must be a 2-d uint8 or uint16 array, got {stored.dtype} {stored.shape}.")
@@ -292,5 +294,7 @@ def write_dicom(
         ds.PixelData = stored.astype(f"<u{bits_allocated // 8}").tobytes()
         if transfer_syntax != ExplicitVRLittleEndian:
             ds.compress(transfer_syntax, generate_instance_uid=False)
+    for keyword, value in (headers or {}).items():
+        setattr(ds, keyword, value)
     ds.save_as(path, enforce_file_format=True)
     return Path(path)

@@ -17,6 +17,11 @@ Labels are class names (case-insensitive) or class indices; an empty label means
 when it has no box), otherwise none has. The study defaults to the image, the patient to the study.
 Images are decoded by :func:`corex_cxr.images.read_image`; the cache, splits and bad-data handling
 are those of every corex_cxr source (:mod:`corex_cxr.source`).
+
+Metadata (``meta``, :mod:`corex_cxr.metadata`): optional CSV columns ``sex``, ``age`` (years),
+``view``, ``manufacturer``, ``modality``, ``portable`` and ``body_part``, and for DICOM files their
+headers (read without pixels) for whatever the CSV leaves empty. A header that cannot be read gives
+empty fields here; decoding reports the file.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from corex_cxr.dicom import Box
+from corex_cxr.dicom import Box, read_header
+from corex_cxr.errors import DataError
+from corex_cxr.images import PICTURE_SUFFIXES
+from corex_cxr.metadata import Meta, from_columns, from_header
 from corex_cxr.siim import parse_boxes, read_csv
 from corex_cxr.source import CLASS_NAMES, BadSamplePolicy, CxrSource, Sample
 from corex_cxr.splits import UNLABELLED
@@ -111,8 +119,18 @@ def unlabelled_images(root: Path) -> tuple[list[Sample], list[dict[str, Any]]]:
     samples = []
     for path in paths:
         image_id = path.relative_to(root).as_posix()
-        samples.append(Sample(image_id, image_id, image_id, path, UNLABELLED, False, ()))
+        samples.append(Sample(image_id, image_id, image_id, path, UNLABELLED, False, (), header_meta(path)))
     return samples, []
+
+
+def header_meta(path: Path) -> Meta:
+    """A DICOM file's metadata from its header; empty for PNG/JPEG or an unreadable header."""
+    if path.suffix.lower() in PICTURE_SUFFIXES:
+        return Meta()
+    try:
+        return from_header(read_header(path))
+    except DataError:  # decoding reports the file, as it did before headers were read
+        return Meta()
 
 
 def scan_folder(
@@ -141,7 +159,7 @@ def scan_folder(
             problems.append({"path": str(csv_path), "reason": f"line {line} ({image_id!r}): {error}"})
             bad_images.add(image_id)
             continue
-        entry = merged.setdefault(image_id, {"fields": fields, "boxes": [], "line": line})
+        entry = merged.setdefault(image_id, {"fields": fields, "boxes": [], "line": line, "meta": from_columns(row)})
         entry["boxes"] += boxes
 
     samples = []
@@ -154,7 +172,8 @@ def scan_folder(
             problems.append({"path": str(path), "reason": reason})
             continue
         label, study, patient = entry["fields"]
-        samples.append(Sample(image_id, study, patient, path, label, has_boxes, tuple(entry["boxes"])))
+        meta = entry["meta"].merged(header_meta(path))
+        samples.append(Sample(image_id, study, patient, path, label, has_boxes, tuple(entry["boxes"]), meta))
     return samples, problems
 
 

@@ -11,5 +11,8 @@ from typing import Literal
 
 CLASS_NAMES = ("negative", "typical", "indeterminate", "atypical")
 BadSamplePolicy = Literal["error", "skip"]
+HardSubgroup = Literal["none", "ap_portable"]  # the phantom's planted harder subgroup
+UncertainPolicy = Literal["ones", "zeros", "ignore"]  # CheXpert's -1.0 labels
+Views = Literal["frontal", "lateral", "all"]  # CheXpert's Frontal/Lateral column
 
-__all__ = ["CLASS_NAMES", "BadSamplePolicy"]
+__all__ = ["CLASS_NAMES", "BadSamplePolicy", "HardSubgroup", "UncertainPolicy", "Views"]

@@ -22,6 +22,11 @@ typical, indeterminate and atypical become genuinely hard to tell apart, as on t
     OUT/train_image_level.csv   id,boxes,label,StudyInstanceUID
     OUT/phantom.json            the generator's settings and the true class of relabelled studies
 
+Headers for subgroup analysis (sex, age, view, portable, manufacturer; see
+:mod:`corex_cxr.metadata`) are drawn from a random stream of their own, so they move no pixel,
+label or box. ``hard_subgroup: ap_portable`` (off by default) plants a harder subgroup: AP
+portable images are rendered foggier (lower contrast) and noisier, as bedside films are.
+
 From the command line: ``corex data phantom OUT --studies 200 --seed 0`` (:mod:`corex_cxr.cli`).
 As a recipe's data source: ``phantom`` (:func:`phantom_siim_source`).
 """
@@ -50,7 +55,7 @@ from pydicom.uid import (
 
 from corex.progress import progress as progress_bar
 from corex_cxr.anatomy import Pose, Thorax, blob, blur, draw_thorax, ramp, smooth_noise, superellipse
-from corex_cxr.options import BadSamplePolicy
+from corex_cxr.options import BadSamplePolicy, HardSubgroup
 
 CLASS_COLUMNS = (
     "Negative for Pneumonia",
@@ -66,11 +71,18 @@ DEFAULT_CLASS_BALANCE = (0.277, 0.472, 0.173, 0.078)
 
 Box = tuple[float, float, float, float]  # x, y, width, height in pixels
 
+HARD_SUBGROUPS = ("none", "ap_portable")
+# Realistic vendors per modality: computed radiography plates, digital (often mobile) detectors.
+MANUFACTURERS = {
+    "CR": ("FUJIFILM Corporation", "Carestream Health", "Agfa", "KONICA MINOLTA"),
+    "DX": ("GE Healthcare", "Philips Medical Systems", "SIEMENS", "Carestream Health", "Agfa"),
+}
+
 # -- rendering -------------------------------------------------------------------------------------
 
 
 def render_study(
-    rng: np.random.Generator, label: int, size: int = 256, difficulty: float = 0.5
+    rng: np.random.Generator, label: int, size: int = 256, difficulty: float = 0.5, degrade: float = 0.0
 ) -> tuple[np.ndarray, list[Box]]:
     """One radiograph (float32 in [0,1], MONOCHROME2: dense = bright) and its opacity boxes
     (x, y, width, height) in pixels.
@@ -80,7 +92,8 @@ def render_study(
     shows the same patient with different findings. ``difficulty`` in [0, 1]: 0 gives dense,
     canonical findings; 1 faint ones in overlapping places on more varied patients (see the module
     docstring). Boxes are tight around each finding (one per affected lung, or per lesion),
-    loosened a little at random like a radiologist's.
+    loosened a little at random like a radiologist's. ``degrade`` in [0, 1] (0: off) fogs and
+    noises the exposure (:func:`expose`) of the same patient and findings.
     """
     if label not in range(len(CLASS_COLUMNS)):
         raise ValueError(f"label {label!r} is not a class index in 0..{len(CLASS_COLUMNS) - 1}")
@@ -106,19 +119,25 @@ def render_study(
 
     density = thorax.density + sum(findings, np.zeros_like(thorax.density))
     density = np.repeat(np.repeat(density, factor, axis=0), factor, axis=1)[:size, :size]
-    image = expose(density, imaging_rng, difficulty)
+    image = expose(density, imaging_rng, difficulty, degrade)
     boxes = [_box_around(finding, factor, size, finding_rng) for finding in findings if finding.max() > 0]
     return image, boxes
 
 
-def expose(density: np.ndarray, rng: np.random.Generator, difficulty: float) -> np.ndarray:
+def expose(density: np.ndarray, rng: np.random.Generator, difficulty: float, degrade: float = 0.0) -> np.ndarray:
     """Density to intensity: an exposure curve of random contrast, quantum-like noise (its spread
-    grows with the square root of the signal) and the detector's blur."""
+    grows with the square root of the signal) and the detector's blur. ``degrade`` > 0: scatter
+    (no grid at the bedside) scales the contrast by ``1 - degrade / 2`` and a lower dose the
+    noise by ``1 + 8 * degrade`` (the base noise is faint); the random draws are the same."""
     contrast = rng.uniform(1.8, 3.2)
     image = (1.0 - np.exp(-contrast * density)) / (1.0 - np.exp(-contrast * 0.85))
     # Uniform noise of unit variance is several times cheaper to draw than Gaussian, and the blur
     # (a weighted sum of nine pixels) makes it close to Gaussian anyway.
     noise = rng.uniform(0.012, 0.03) * (0.7 + 0.8 * difficulty)
+    if degrade:
+        fog = image.mean()
+        image = fog + (1.0 - 0.5 * degrade) * (image - fog)
+        noise *= 1.0 + 8.0 * degrade
     unit = (rng.random(image.shape, dtype=np.float32) - 0.5) * np.float32(12**0.5)
     image += noise * np.sqrt(np.clip(image, 0.0, None) + 0.02) * unit
     image = blur(image, passes=int(rng.integers(1, 3)))
@@ -261,6 +280,8 @@ def write_siim_phantom(
     difficulty: float = 0.5,
     label_noise: float = 0.0,
     class_balance: Sequence[float] | None = None,
+    hard_subgroup: HardSubgroup = "none",
+    hard_subgroup_strength: float = 0.5,
     progress: bool = True,
 ) -> Path:
     """Write a phantom data set in the SIIM layout under out; returns out. Atomic: builds in a temp
@@ -278,8 +299,16 @@ def write_siim_phantom(
     their images keep the true findings (and lose their boxes when relabelled negative, as a
     radiologist calling it negative would draw none). ``phantom.json`` records their true classes.
 
+    Headers for subgroup analysis come from their own stream (:func:`_headers`): patients about
+    55 % male, aged 20-90 (PatientAge ``NNNY``, one sex and age per patient); images about 55 % AP,
+    80 % of those portable (``PORTABLE`` in SeriesDescription), the rest PA; a Manufacturer from a
+    short list per modality.
+
+    ``hard_subgroup: ap_portable`` renders the AP portable images with ``degrade =
+    hard_subgroup_strength`` (foggier, noisier; :func:`expose`); ``phantom.json`` records it.
+
     Image ``k`` of study ``j`` is ``render_study(np.random.default_rng((seed, j, k)), true_class,
-    size, difficulty)``, so any image can be re-rendered.
+    size, difficulty, degrade)``, so any image can be re-rendered.
     """
     out = Path(out)
     if studies < 1:
@@ -289,17 +318,22 @@ def write_siim_phantom(
     _check_size(size)
     _check_fraction("difficulty", difficulty)
     _check_fraction("label_noise", label_noise)
+    check_hard_subgroup(hard_subgroup, hard_subgroup_strength)
     balance = _check_balance(class_balance)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"phantom output {out} already exists and is not an empty directory")
 
     plan = _plan(studies, seed, label_noise, balance)
+    headers = _headers(plan, seed)
+    strength = hard_subgroup_strength if hard_subgroup == "ap_portable" else 0.0
     out.parent.mkdir(parents=True, exist_ok=True)
     building = out.parent / f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
     try:
         building.mkdir()
-        _write(building, plan, seed, size, difficulty, progress)
-        _write_manifest(building, plan, seed, size, difficulty, label_noise, balance)
+        _write(building, plan, headers, seed, size, difficulty, strength, progress)
+        manifest = {"hard_subgroup": hard_subgroup, "hard_subgroup_strength": hard_subgroup_strength,
+                    "hard_subgroup_images": sum(h.ap_portable for h in headers.values()) if strength else 0}
+        _write_manifest(building, plan, seed, size, difficulty, label_noise, balance, manifest)
         try:
             os.replace(building, out)
         except OSError:
@@ -323,7 +357,6 @@ class ImagePlan:
     series_number: int
     boxed: bool  # whether its boxes go into the CSV
     modality: str
-    view: str
     monochrome1: bool
     bits: int
     stored_range: tuple[float, float]  # fractions of the bit depth's full scale
@@ -338,8 +371,22 @@ class StudyPlan:
     truth: int  # the class whose findings the images show
     label: int  # the class in the CSV (differs from truth under label noise)
     patient: str
-    sex: str
     images: list[ImagePlan]
+
+
+@dataclass(frozen=True)
+class Headers:
+    """One image's header values for subgroup analysis (:func:`_headers`)."""
+
+    sex: str
+    age: int  # years
+    view: str  # AP or PA
+    portable: bool
+    manufacturer: str
+
+    @property
+    def ap_portable(self) -> bool:
+        return self.view == "AP" and self.portable
 
 
 def _plan(studies: int, seed: int, label_noise: float, balance: np.ndarray) -> list[StudyPlan]:
@@ -359,7 +406,9 @@ def _plan(studies: int, seed: int, label_noise: float, balance: np.ndarray) -> l
     # ~10 % of patients have two studies: with p pairs among n studies, p / (n - p) = 0.1.
     pairs = round(studies / 11)
     patients = rng.permutation(np.concatenate([np.arange(pairs), np.arange(studies - pairs)]))
-    sex_of_patient = rng.choice(["F", "M"], size=studies - pairs)
+    # Once the patients' sex: now drawn by _headers, but still drawn here so that every later draw
+    # of this stream (hence every pixel, label and box) stays as it was. The same for the view below.
+    rng.choice(["F", "M"], size=studies - pairs)
     images = np.ones(studies, dtype=int)
     images[rng.choice(studies, round(0.06 * studies), replace=False)] = 2
     images[(images == 2) & (rng.random(studies) < 0.25)] = 3
@@ -378,14 +427,15 @@ def _plan(studies: int, seed: int, label_noise: float, balance: np.ndarray) -> l
                 series_uid, series_number = uid("series", j, k), series_number + 1
             boxed = rng.random() >= (0.03 if k == 0 else 0.5) and labels[j] != NEGATIVE
             rescaled = rng.random() < 0.15
+            modality = str(rng.choice(["DX", "CR"]))
+            rng.choice(["PA", "AP"], p=[0.6, 0.4])  # once the view (see above)
             study_images.append(ImagePlan(
                 index=k,
                 uid=uid("image", j, k),
                 series_uid=series_uid,
                 series_number=series_number,
                 boxed=bool(boxed),
-                modality=str(rng.choice(["DX", "CR"])),
-                view=str(rng.choice(["PA", "AP"], p=[0.6, 0.4])),
+                modality=modality,
                 monochrome1=bool(next(monochrome1_of)),
                 bits=int(rng.choice([12, 16])),
                 stored_range=(float(rng.uniform(0.0, 0.08)), float(rng.uniform(0.7, 1.0))),
@@ -395,15 +445,34 @@ def _plan(studies: int, seed: int, label_noise: float, balance: np.ndarray) -> l
             ))
         plan.append(StudyPlan(
             index=j, uid=uid("study", j), truth=int(truth[j]), label=int(labels[j]),
-            patient=f"phantom-{seed}-{int(patients[j]):05d}", sex=str(sex_of_patient[patients[j]]),
-            images=study_images,
+            patient=f"phantom-{seed}-{int(patients[j]):05d}", images=study_images,
         ))
     return plan
 
 
+def _headers(plan: list[StudyPlan], seed: int) -> dict[str, Headers]:
+    """Image UID -> its header values, from a stream of their own (no pixel depends on it)."""
+    rng = np.random.default_rng([seed, *b"headers"])
+    patients = sorted({study.patient for study in plan})
+    sexes = rng.choice(["M", "F"], size=len(patients), p=[0.55, 0.45])
+    ages = np.clip(np.rint(rng.normal(60.0, 16.0, size=len(patients))), 20, 90).astype(int)
+    patient = {p: (str(sex), int(age)) for p, sex, age in zip(patients, sexes, ages)}
+    headers = {}
+    for study in plan:
+        sex, age = patient[study.patient]
+        for image in study.images:
+            view = str(rng.choice(["AP", "PA"], p=[0.55, 0.45]))
+            portable = view == "AP" and bool(rng.random() < 0.8)
+            manufacturer = str(rng.choice(MANUFACTURERS[image.modality]))
+            headers[image.uid] = Headers(sex, age, view, portable, manufacturer)
+    return headers
+
+
 def _write(
-    root: Path, plan: list[StudyPlan], seed: int, size: int, difficulty: float, progress: bool
+    root: Path, plan: list[StudyPlan], headers: dict[str, Headers], seed: int, size: int, difficulty: float,
+    strength: float, progress: bool,
 ) -> None:
+    """The DICOMs and CSVs; ``strength`` > 0 degrades the AP portable images by that much."""
     study_rows, image_rows = [], []
     bar = progress_bar(len(plan), "phantom", unit="study") if progress else None
     try:
@@ -412,10 +481,12 @@ def _write(
             study_rows.append([f"{study.uid}_study", *one_hot])
             for image in study.images:
                 rng = np.random.default_rng((seed, study.index, image.index))
-                pixels, boxes = render_study(rng, study.truth, size, difficulty)
+                degrade = strength if headers[image.uid].ap_portable else 0.0
+                pixels, boxes = render_study(rng, study.truth, size, difficulty, degrade)
                 folder = root / "train" / study.uid / image.series_uid
                 folder.mkdir(parents=True, exist_ok=True)
-                _dicom(pixels, study, image).save_as(folder / f"{image.uid}.dcm", enforce_file_format=True)
+                ds = _dicom(pixels, study, image, headers[image.uid])
+                ds.save_as(folder / f"{image.uid}.dcm", enforce_file_format=True)
                 image_rows.append([f"{image.uid}_image", *_box_columns(boxes if image.boxed else []), study.uid])
             if bar is not None:
                 bar.update(1)
@@ -436,7 +507,7 @@ def _box_columns(boxes: list[Box]) -> tuple[str, str]:
     return repr(as_dicts), label
 
 
-def _dicom(pixels: np.ndarray, study: StudyPlan, image: ImagePlan) -> Dataset:
+def _dicom(pixels: np.ndarray, study: StudyPlan, image: ImagePlan, headers: Headers) -> Dataset:
     """An uncompressed (Explicit VR Little Endian) DX or CR image of ``pixels`` (MONOCHROME2 in
     [0, 1]), stored over part of the bit depth's range, inverted when MONOCHROME1."""
     if image.modality == "CR":
@@ -453,8 +524,11 @@ def _dicom(pixels: np.ndarray, study: StudyPlan, image: ImagePlan) -> Dataset:
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, image.uid
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study.uid, image.series_uid
-    ds.PatientID, ds.PatientName, ds.PatientSex = study.patient, f"Phantom^{study.patient}", study.sex
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = image.modality, "CHEST", image.view
+    ds.PatientID, ds.PatientName = study.patient, f"Phantom^{study.patient}"
+    ds.PatientSex, ds.PatientAge = headers.sex, f"{headers.age:03d}Y"
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = image.modality, "CHEST", headers.view
+    ds.Manufacturer, ds.StudyDescription = headers.manufacturer, "XR CHEST"
+    ds.SeriesDescription = f"CHEST {headers.view}" + (" PORTABLE" if headers.portable else "")
     ds.SeriesNumber, ds.InstanceNumber = image.series_number, image.index + 1
     ds.Rows, ds.Columns = pixels.shape
     ds.PixelSpacing = ds.ImagerPixelSpacing = [round(430.0 / pixels.shape[0], 4)] * 2  # a 43 cm detector
@@ -485,12 +559,12 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 def _write_manifest(
     root: Path, plan: list[StudyPlan], seed: int, size: int, difficulty: float, label_noise: float,
-    balance: np.ndarray,
+    balance: np.ndarray, extra: dict,
 ) -> None:
     manifest = {
         "generator": "corex phantom",
         "seed": seed, "size": size, "difficulty": difficulty, "label_noise": label_noise,
-        "class_balance": [round(float(b), 6) for b in balance],
+        "class_balance": [round(float(b), 6) for b in balance], **extra,
         "studies": len(plan), "images": sum(len(study.images) for study in plan),
         "relabelled": {f"{s.uid}_study": CLASS_COLUMNS[s.truth] for s in plan if s.truth != s.label},
     }
@@ -513,6 +587,12 @@ def _check_size(size: int) -> None:
 def _check_fraction(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be between 0 and 1, got {value}")
+
+
+def check_hard_subgroup(hard_subgroup: str, strength: float) -> None:
+    if hard_subgroup not in HARD_SUBGROUPS:
+        raise ValueError(f"hard_subgroup must be one of {', '.join(HARD_SUBGROUPS)}, got {hard_subgroup!r}")
+    _check_fraction("hard_subgroup_strength", strength)
 
 
 def _check_balance(class_balance: Sequence[float] | None) -> np.ndarray:
@@ -541,6 +621,8 @@ def phantom_siim_source(
     studies: int = 400,
     difficulty: float = 0.5,
     label_noise: float = 0.0,
+    hard_subgroup: HardSubgroup = "none",
+    hard_subgroup_strength: float = 0.5,
     size: int | None = None,
     on_bad_sample: BadSamplePolicy = "error",
     val_fraction: float = 0.15,
@@ -552,7 +634,9 @@ def phantom_siim_source(
     """The phantom written once to ``cache_dir/phantom/<settings>``, read by the real SIIM loader.
 
     ``size`` is the side of the written DICOMs, by default ``2 * image_size`` so the loader
-    really resizes. The recipe's ``phantom`` source (:func:`corex_cxr.phantom_source`).
+    really resizes. ``hard_subgroup`` and its strength are part of the folder's key, so a planted
+    and an unplanted phantom never share files. The recipe's ``phantom`` source
+    (:func:`corex_cxr.phantom_source`).
     """
     from corex_cxr.siim import SiimSource  # imports torch (the cache); `corex data phantom` needs none
     from corex_cxr.source import check_source_options
@@ -561,13 +645,18 @@ def phantom_siim_source(
     # Checked before the (slow) writing, which they do not affect.
     check_source_options(image_size=image_size, on_bad_sample=on_bad_sample, workers=workers)
     check_split_options(val_fraction=val_fraction, test_fraction=test_fraction, folds=folds, fold=fold)
+    check_hard_subgroup(hard_subgroup, hard_subgroup_strength)
     size = 2 * image_size if size is None else size
-    settings = {"studies": studies, "seed": seed, "size": size, "difficulty": difficulty, "label_noise": label_noise}
+    settings = {"studies": studies, "seed": seed, "size": size, "difficulty": difficulty, "label_noise": label_noise,
+                "hard_subgroup": hard_subgroup}  # new in the key: phantoms written before it lack the headers
+    if hard_subgroup != "none":
+        settings["hard_subgroup_strength"] = hard_subgroup_strength
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     root = Path(cache_dir).expanduser() / "phantom" / f"{studies}studies-seed{seed}-{size}px-{digest}"
     if not (root / "train_image_level.csv").is_file():
         write_siim_phantom(
-            root, studies=studies, seed=seed, size=size, difficulty=difficulty, label_noise=label_noise
+            root, studies=studies, seed=seed, size=size, difficulty=difficulty, label_noise=label_noise,
+            hard_subgroup=hard_subgroup, hard_subgroup_strength=hard_subgroup_strength,
         )
     return SiimSource(
         root=root,

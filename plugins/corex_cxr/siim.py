@@ -20,6 +20,7 @@ Choices (see also docs/data.md):
   unannotated: calling it "no opacity" would teach the segmentation head that a typical or
   atypical radiograph is clear.
 * The patient is the DICOM PatientID (read from the header only), or the study id when absent.
+  The same header gives the image's ``meta`` (:func:`corex_cxr.metadata.from_header`).
 * DICOM files under ``train/`` that the image CSV does not name are ignored (there is no label for
   them); ``describe()["unreferenced_images"]`` counts them.
 * Each of these is a problem naming the file or CSV line: a missing CSV column (fatal), a bad
@@ -37,6 +38,7 @@ from typing import Any
 
 from corex_cxr.dicom import Box, read_header
 from corex_cxr.errors import DataError
+from corex_cxr.metadata import from_header
 from corex_cxr.source import BadSamplePolicy, CxrSource, Sample
 
 NEGATIVE = 0  # label index of "Negative for Pneumonia"
@@ -140,10 +142,11 @@ def _image_sample(row: dict[str, str], path: Path | None, study_labels: dict[str
         raise ValueError(f"no file train/{study_id}/*/{image_id}.dcm on disk")
     if path.parent.parent.name != study_id:
         raise ValueError(f"the file is under study folder {path.parent.parent.name!r}, not {study_id!r}")
-    patient_id = str(read_header(path).get("PatientID", "") or "").strip() or study_id
+    header = read_header(path)
+    patient_id = str(header.get("PatientID", "") or "").strip() or study_id
     label, _ = study_labels[study_id]
     annotated = bool(boxes) or label == NEGATIVE
-    return Sample(image_id, study_id, patient_id, path, label, has_mask=annotated, boxes=tuple(boxes))
+    return Sample(image_id, study_id, patient_id, path, label, annotated, tuple(boxes), from_header(header))
 
 
 def parse_boxes(text: str) -> list[Box]:

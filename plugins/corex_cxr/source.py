@@ -11,7 +11,12 @@ hands them to :meth:`CxrSource._accept`. :class:`CxrSource` does the rest:
   :meth:`CxrSource.skipped` and in ``skipped.json`` beside the cache, and says how many on
   stderr: nothing is dropped silently.
 * Splits are assigned per patient (see :mod:`corex_cxr.splits`) when the source is built, so they
-  do not depend on which files later fail to decode.
+  do not depend on which files later fail to decode. A source with an official split (NIH's
+  ``test_list.txt``, CheXpert's ``valid.csv``) fixes those patients and carves the rest.
+* Every item carries ``meta`` (:mod:`corex_cxr.metadata`); ``describe()["subgroups"]`` counts it.
+* Multi-label sources (``multilabel = True``) give each sample ``labels``, one float per class
+  name (1 positive, 0 negative, -1 unknown or ignored), and ``label = -1``; items then carry a
+  float32 ``labels`` tensor.
 * Pixels are decoded once into the cache (:mod:`corex_cxr.cache`) by :meth:`CxrSource.prepare`, or
   by the first :meth:`CxrSource.split`.
 """
@@ -31,8 +36,16 @@ from corex_cxr.cache import RESIZE, CachedImages, CachedItem, CacheBuild, Decode
 from corex_cxr.dicom import PERCENTILES, Box, transform_boxes
 from corex_cxr.errors import DataError
 from corex_cxr.images import read_image
+from corex_cxr.metadata import Meta, subgroup_counts
 from corex_cxr.options import CLASS_NAMES, BadSamplePolicy
-from corex_cxr.splits import SPLITS, assign_splits, check_split_options, label_subset, patient_stratum
+from corex_cxr.splits import (
+    SPLITS,
+    assign_splits,
+    check_split_options,
+    label_subset,
+    multilabel_strata,
+    patient_stratum,
+)
 
 MAX_IMAGE_SIZE = 4096  # the recipe's own limit too (corex.recipe.IMAGE_SIZES)
 
@@ -45,15 +58,18 @@ class Sample:
     study_id: str
     patient_id: str
     path: Path
-    label: int  # index into the class names; -1 = unknown
+    label: int  # index into the class names; -1 = unknown (always, for a multi-label source)
     has_mask: bool  # whether ``boxes`` is a real annotation (an empty one is a real "no opacity")
     boxes: tuple[Box, ...] = ()  # x, y, width, height in original pixels
+    meta: Meta = Meta()
+    labels: tuple[float, ...] | None = None  # multi-label: per class 1, 0 or -1 (unknown)
 
 
 class CxrSource:
     """A :class:`corex.interfaces.DataSource` over a list of :class:`Sample`."""
 
     class_names = CLASS_NAMES
+    multilabel = False  # True: items carry ``labels`` (one per class name) and ``label`` is -1
     # Path -> float32 [0, 1] image; a module-level function, so that decoding workers can run it.
     decoder: Decoder = staticmethod(read_image)
 
@@ -72,6 +88,7 @@ class CxrSource:
         fold: int,
         workers: int,
         class_names: tuple[str, ...] = CLASS_NAMES,
+        cache_variant: str = "",
     ):
         check_source_options(image_size=image_size, on_bad_sample=on_bad_sample, workers=workers)
         check_split_options(val_fraction=val_fraction, test_fraction=test_fraction, folds=folds, fold=fold)
@@ -79,29 +96,52 @@ class CxrSource:
         self.image_size, self.seed, self.workers = image_size, seed, workers
         self.on_bad_sample = on_bad_sample
         self._split_options = dict(val_fraction=val_fraction, test_fraction=test_fraction, folds=folds, fold=fold)
-        digest = hashlib.sha1(json.dumps([str(self.location.resolve()), cache_settings(image_size)]).encode())
+        key = [str(self.location.resolve()), cache_settings(image_size)]
+        if cache_variant:  # options that choose other images from the same location
+            key.append(cache_variant)
+        digest = hashlib.sha1(json.dumps(key).encode())
         self.cache_path = Path(cache_dir) / "corex_cxr" / f"{name}-{image_size}px-{digest.hexdigest()[:10]}"
         self._samples: list[Sample] = []
         self._skipped: list[dict[str, Any]] = []
         self._split_of: dict[str, str] = {}
+        self._study_stratum: dict[str, int] = {}
         self._cache: CacheBuild | None = None
 
-    def _accept(self, samples: list[Sample], problems: list[dict[str, Any]]) -> None:
-        """Apply ``on_bad_sample`` to what the layout showed, then split the patients."""
+    def _accept(
+        self, samples: list[Sample], problems: list[dict[str, Any]], fixed: dict[str, str] | None = None
+    ) -> None:
+        """Apply ``on_bad_sample`` to what the layout showed, then split the patients.
+
+        ``fixed``: patient -> ``"val"`` or ``"test"`` from an official split; the other patients
+        are split as usual, that split's fraction taken as 0.
+        """
         if problems and self.on_bad_sample == "error":
             raise DataError.collected(self.location, problems)
         if not samples:
             raise DataError(self.location, "no usable images found")
         self._samples, self._skipped = samples, list(problems)
-        study_label = {sample.study_id: sample.label for sample in self._samples}
+        self._study_stratum = self._strata(self._samples)
         patient_studies: dict[str, set[str]] = defaultdict(set)
         for sample in self._samples:
             patient_studies[sample.patient_id].add(sample.study_id)
         strata = {
-            patient: patient_stratum(study_label[study] for study in sorted(studies))
+            patient: patient_stratum(self._study_stratum[study] for study in sorted(studies))
             for patient, studies in patient_studies.items()
         }
-        self._split_of = assign_splits(strata, seed=self.seed, **self._split_options)
+        if not fixed:
+            self._split_of = assign_splits(strata, seed=self.seed, **self._split_options)
+            return
+        options = {**self._split_options, **{f"{name}_fraction": 0.0 for name in set(fixed.values())}}
+        rest = {patient: stratum for patient, stratum in strata.items() if patient not in fixed}
+        self._split_of = assign_splits(rest, seed=self.seed, **options)
+        self._split_of.update((patient, fixed[patient]) for patient in strata if patient in fixed)
+
+    def _strata(self, samples: list[Sample]) -> dict[str, int]:
+        """Study id -> the class it is stratified by: its label, or for a multi-label source its
+        rarest positive label (:func:`corex_cxr.splits.multilabel_strata`)."""
+        if not self.multilabel:
+            return {sample.study_id: sample.label for sample in samples}
+        return multilabel_strata(study_labels(samples))
 
     # -- the DataSource protocol ---------------------------------------------------------------
 
@@ -158,7 +198,11 @@ class CxrSource:
         cache = self.prepare()
         samples = self._in_split(name)
         if label_fraction != 1.0:
-            chosen = label_subset({s.study_id: s.label for s in samples}, label_fraction, self.seed)
+            if self.multilabel:
+                strata = {s.study_id: self._study_stratum[s.study_id] for s in samples}
+            else:
+                strata = {s.study_id: s.label for s in samples}
+            chosen = label_subset(strata, label_fraction, self.seed)
             samples = [sample for sample in samples if sample.study_id in chosen]
         items = []
         for sample in samples:
@@ -172,14 +216,18 @@ class CxrSource:
                     study_id=sample.study_id,
                     image_id=sample.image_id,
                     patient_id=sample.patient_id,
+                    meta=sample.meta,
+                    labels=sample.labels,
                 )
             )
         return CachedImages(cache.array, self.image_size, items)
 
     def describe(self) -> dict[str, Any]:
-        """Per split: images, studies, patients and studies per class (no decoding needed), and
-        ``unusable``: samples skipped for what the layout shows, and images that cannot be
-        decoded as far as the cache knows (``not_checked``: images it has not decoded yet)."""
+        """Per split: images, studies, patients and studies per class (no decoding needed; for a
+        multi-label source, studies positive for each class); ``subgroups``: per split, images per
+        value of each metadata field; and ``unusable``: samples skipped for what the layout
+        shows, and images that cannot be decoded as far as the cache knows (``not_checked``:
+        images it has not decoded yet)."""
         summary: dict[str, Any] = {}
         for name in SPLITS:
             samples = self._in_split(name)
@@ -188,13 +236,20 @@ class CxrSource:
                 "images": len(samples),
                 "studies": len(study_label),
                 "patients": len({sample.patient_id for sample in samples}),
-                "classes": {
-                    class_name: sum(label == index for label in study_label.values())
-                    for index, class_name in enumerate(self.class_names)
-                },
+                "classes": self._class_counts(samples, study_label),
             }
+        summary["subgroups"] = {name: subgroup_counts(s.meta for s in self._in_split(name)) for name in SPLITS}
         summary["unusable"] = self._unusable()
         return summary
+
+    def _class_counts(self, samples: list[Sample], study_label: dict[str, int]) -> dict[str, int]:
+        if not self.multilabel:
+            return {
+                class_name: sum(label == index for label in study_label.values())
+                for index, class_name in enumerate(self.class_names)
+            }
+        labels = study_labels(samples).values()
+        return {name: sum(row[index] == 1.0 for row in labels) for index, name in enumerate(self.class_names)}
 
     def _unusable(self) -> dict[str, Any]:
         paths = {sample.image_id: sample.path for sample in self._samples}
@@ -240,6 +295,17 @@ class CxrSource:
 
     def _in_split(self, name: str) -> list[Sample]:
         return [sample for sample in self._samples if self._split_of[sample.patient_id] == name]
+
+
+def study_labels(samples: list[Sample]) -> dict[str, tuple[float, ...]]:
+    """Study id -> its multi-label target: per class the largest of its images' values (a study is
+    positive for what any of its images is positive for)."""
+    labels: dict[str, tuple[float, ...]] = {}
+    for sample in samples:
+        if sample.labels is not None:
+            prior = labels.get(sample.study_id)
+            labels[sample.study_id] = sample.labels if prior is None else tuple(map(max, prior, sample.labels))
+    return labels
 
 
 def check_source_options(*, image_size: int, on_bad_sample: str, workers: int) -> None:

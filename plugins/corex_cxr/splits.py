@@ -14,6 +14,10 @@
   ranked once by a seeded permutation and the first ``ceil(fraction * n)`` taken (at least one),
   so for one seed the 10% subset is inside the 50% subset: label-efficiency curves compare
   nested training sets.
+* Multi-label sources (:func:`multilabel_strata`): a study's class for all of the above is its
+  rarest positive label (fewest positive studies in the whole data set), or one more class for a
+  study with no positive label, so rare findings are spread over the splits and kept in every
+  label fraction.
 
 Everything is a pure function of its inputs and the seed: ids are sorted before shuffling.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 SPLITS = ("train", "val", "test")
 UNLABELLED = -1
@@ -53,6 +57,17 @@ def patient_stratum(study_labels: Iterable[int]) -> int:
     if not counts:
         return UNLABELLED
     return min(counts, key=lambda label: (-counts[label], label))
+
+
+def multilabel_strata(study_labels: Mapping[str, Sequence[float]]) -> dict[str, int]:
+    """Study id -> the index of its rarest positive label (``1.0``; the lower index on ties), or
+    ``L`` (the number of labels) when it has none."""
+    positives = Counter(i for labels in study_labels.values() for i, value in enumerate(labels) if value == 1.0)
+    strata = {}
+    for study, labels in study_labels.items():
+        present = [i for i, value in enumerate(labels) if value == 1.0]
+        strata[study] = min(present, key=lambda i: (positives[i], i)) if present else len(labels)
+    return strata
 
 
 def assign_splits(

@@ -89,21 +89,59 @@ def corex_evaluators():
     }
 
 
+@hookimpl
+def corex_metrics():
+    from corex_eval.declared import METRICS
+
+    return METRICS
+
+
+@hookimpl
+def corex_artefacts():
+    from corex_eval.declared import ARTEFACTS
+
+    return ARTEFACTS
+
+
+@hookimpl
+def corex_findings(run_dir, stage, result):
+    from corex_eval.findings import stage_findings
+
+    return stage_findings(run_dir, stage, result)
+
+
 __getattr__ = lazy_exports(__name__, {
     "ClassificationEvaluator": "corex_eval.classification",
     "SegmentationEvaluator": "corex_eval.segmentation",
     "LocalizationEvaluator": "corex_eval.localization",
     "average_precision": "corex_eval.average_precision",
     "study_map": "corex_eval.average_precision",
+    "slug": "corex_eval.artefacts",
+    "save_figure": "corex_eval.artefacts",
+    "write_csv": "corex_eval.artefacts",
+    "weighted_metrics": "corex_eval.classification",
+    "grad_cam": "corex_eval.localization",
+    "stage_findings": "corex_eval.findings",
+    "READY_RECALL": "corex_eval.findings",
 })
 __all__ = [
     "ClassificationEvaluator",
     "LocalizationEvaluator",
     "SegmentationEvaluator",
+    "READY_RECALL",
     "average_precision",
     "classification_evaluator",
+    "corex_artefacts",
     "corex_evaluators",
+    "corex_findings",
+    "corex_metrics",
+    "grad_cam",
     "localization_evaluator",
+    "save_figure",
     "segmentation_evaluator",
+    "slug",
+    "stage_findings",
     "study_map",
+    "weighted_metrics",
+    "write_csv",
 ]

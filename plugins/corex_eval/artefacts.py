@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -18,13 +17,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from corex.metrics import slug  # noqa: F401 -- the convention of metric and column names, re-exported
 from corex.rundir import atomic_path
-
-
-def slug(name: str) -> str:
-    """Lower-case ``name`` with runs of other characters turned into ``_``:
-    ``"Negative for Pneumonia"`` becomes ``"negative_for_pneumonia"``."""
-    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

@@ -10,7 +10,11 @@ inside corex's torch loop. :class:`KerasEncoder` makes it a well-behaved torch m
 * keras decides batch-norm behaviour from its ``training`` argument, not from torch's mode, so
   ``forward`` passes ``training=self.training``;
 * keras works channels-last: the input is permuted to ``(B, H, W, C)`` and each output back to
-  ``(B, C, H, W)`` (both are views: no copy).
+  ``(B, C, H, W)`` (both are views: no copy);
+* each level of the pyramid lies on the autograd path to the deeper ones: the layers after a tap
+  read the very ``(B, C, H, W)`` tensor the encoder returns (permuted back, a view again), so
+  gradients can be taken with respect to any level (Grad-CAM at ``level=-2``), as for a torch
+  encoder.
 
 keras-core is imported only when an encoder is built, never by the plugin hook.
 """
@@ -132,14 +136,60 @@ class KerasGraph:
     copies of every variable) and holds no state of its own: the encoder registers the variables
     and binds them before each call. So copies of an encoder (MoCo's key encoder) share one graph;
     keras models cannot be deep-copied anyway.
+
+    :meth:`pyramid` runs the model and returns the taps channels-first, each one on the autograd
+    path to the deeper ones: as keras runs its graph, the output of each tapped layer is permuted
+    to ``(B, C, H, W)``, kept, and permuted back for the layers after it. Both permutations are
+    views and the second restores the first's strides, so every layer sees exactly the tensor it
+    saw before (same values, same memory layout: the same numbers out), but the tensor the encoder
+    returns for a level is now an ancestor of the deeper levels. Returning ``output.permute(...)``
+    of keras's outputs instead gives views *beside* the graph: a gradient with respect to one of
+    them is ``None``, which is why Grad-CAM refused every level but the deepest.
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, taps: tuple[Any, ...]):
         self.model = model
         # (variable, layer name, variable name): the encoder holds it as `<layer>.<variable>`.
         self.variables = [(v, layer.name, v.name) for layer in model.layers for v in layer.variables]
         # Layers that cache tensors computed from their variables (Normalization's mean, variance).
         self.cached_layers = [layer for layer in model.layers if hasattr(layer, "finalize_state")]
+        # The tapped layers, by identity, and their level.
+        self.levels = {id(layer): level for level, layer in enumerate(taps)}
+        self.tapped: list[Tensor | None] | None = None  # the levels of the call under way, else None
+        # keras's Functional.call hands each layer to `operation_fn` through this (private, keras-core
+        # 0.1.7) method; the instance attribute wraps it. Outside `pyramid` (symbolic shape inference,
+        # keras's own calls) it is keras's method unchanged.
+        run_through_graph = model._run_through_graph
+        model._run_through_graph = lambda inputs, operation_fn: run_through_graph(inputs, self._tapping(operation_fn))
+
+    def _tapping(self, operation_fn: Any) -> Any:
+        def tapping_fn(operation: Any) -> Any:
+            call = operation_fn(operation)
+            level = self.levels.get(id(operation))
+            if self.tapped is None or level is None:
+                return call
+
+            def tap(*args: Any, **kwargs: Any) -> Any:
+                assert self.tapped is not None and self.tapped[level] is None, f"layer {operation.name} ran twice"
+                channels_first = call(*args, **kwargs).permute(0, 3, 1, 2)
+                self.tapped[level] = channels_first
+                return channels_first.permute(0, 2, 3, 1)  # what the next layers read: a view of it
+
+            return tap
+
+        return tapping_fn
+
+    def pyramid(self, x: Tensor, training: bool) -> list[Tensor]:
+        """The taps, ``(B, C, H, W)``, of the channels-last input ``x``."""
+        self.tapped = [None] * len(self.levels)
+        try:
+            self.model(x, training=training)
+            tapped = self.tapped
+        finally:
+            self.tapped = None
+        missing = [level for level, t in enumerate(tapped) if t is None]
+        assert not missing, f"keras did not run the tapped layers of levels {missing}"
+        return tapped  # type: ignore[return-value]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> KerasGraph:
         return self
@@ -186,10 +236,11 @@ class KerasEncoder(nn.Module):
                     raise ValueError(
                         f"weights: cannot load '{weights}' into {self.arch} with in_channels={in_channels}: {exc}"
                     ) from exc
-            model = keras.Model(full.input, [full.get_layer(name).output for name in application.taps])
+            taps = tuple(full.get_layer(name) for name in application.taps)
+            model = keras.Model(full.input, [layer.output for layer in taps])
         self.channels = tuple(int(t.shape[-1]) for t in model.outputs)
 
-        self.graph = KerasGraph(model)
+        self.graph = KerasGraph(model, taps)
         for variable, layer_name, name in self.graph.variables:
             if layer_name not in self._modules:
                 self.add_module(layer_name, nn.Module())
@@ -224,8 +275,8 @@ class KerasEncoder(nn.Module):
         # keras moves every tensor it creates or receives to its "current device": make it x's.
         with device_scope(x.device):
             self.bind()
-            features = self.graph.model(x.permute(0, 2, 3, 1), training=self.training)
-        return [f.permute(0, 3, 1, 2) for f in features]
+            # Channels-first views that the deeper levels are computed from (see KerasGraph).
+            return self.graph.pyramid(x.permute(0, 2, 3, 1), training=self.training)
 
 
 def keras_resnet50(*, in_channels: int = 1, weights: Path | None = None) -> KerasEncoder:

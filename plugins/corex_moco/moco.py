@@ -24,7 +24,6 @@ each of them against the paper's text.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -34,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from corex.interfaces import Batch
+from corex_ssl import MomentumObjective, momentum_copy
+from corex_ssl import projection_head as mlp_head
 
 
 def _world_size() -> int:
@@ -55,19 +56,13 @@ def projection_head(in_features: int, hidden_dim: int, projection_dim: int) -> n
     Chen et al. 2020: "we replace the fc head in MoCo with a 2-layer MLP head (hidden layer
     2048-d, with ReLU)", i.e. 2048-2048-128 on a ResNet-50.
     """
-    return nn.Sequential(
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(in_features, hidden_dim),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, projection_dim),
-    )
+    return mlp_head(in_features, hidden_dim, projection_dim)
 
 
 # Warn when the queue exceeds this share of the training set (see the check in MoCo.__init__).
 STALE_KEY_SHARE = 0.25
 
-class MoCo(nn.Module):
+class MoCo(MomentumObjective):
     """The MoCo v2 objective around the shared (query) encoder.
 
     Options (defaults are MoCo v2's):
@@ -126,9 +121,9 @@ class MoCo(nn.Module):
     The views are made by two calls of the augmentation, so they are independent draws whatever the
     augmentation (one call on a doubled batch would tie them for one that draws once per batch).
     The batch's ``mask`` is not passed to it: MoCo never uses the views' masks, and warping them
-    took close to half of each augmentation call (the images come out the same without it). The momentum update runs over parameter lists looked up
-    once, and again after ``.to()`` (any ``Module._apply``); replacing a parameter object
-    otherwise is not noticed.
+    took close to half of each augmentation call (the images come out the same without it). The
+    momentum update is corex_ssl's (:class:`corex_ssl.MomentumObjective`), over the pairs
+    :meth:`momentum_pairs` names.
     """
 
     def __init__(
@@ -195,12 +190,11 @@ class MoCo(nn.Module):
 
         self.encoder = encoder
         self.projector = projection_head(channels[-1], hidden_dim or channels[-1], projection_dim)
-        self.key_encoder = copy.deepcopy(encoder).requires_grad_(False)
-        self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.key_encoder = momentum_copy(encoder)
+        self.key_projector = momentum_copy(self.projector)
 
         self.register_buffer("queue", F.normalize(torch.randn(projection_dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self._parameter_lists: tuple[list[Tensor], list[Tensor]] | None = None
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -213,7 +207,7 @@ class MoCo(nn.Module):
         queries = self._project(self.encoder, self.projector, query_view, self._local_splits())
         with torch.no_grad():
             if self.training:
-                self._momentum_update()
+                self.momentum_update(self.key_momentum)
             keys = self.encode_keys(key_view)
 
         positive = (queries * keys).sum(dim=1, keepdim=True)
@@ -254,25 +248,9 @@ class MoCo(nn.Module):
         chunks = images.tensor_split(splits) if splits > 1 else (images,)
         return F.normalize(torch.cat([projector(encoder(chunk)[-1]) for chunk in chunks]), dim=1)
 
-    def _momentum_parameters(self) -> tuple[list[Tensor], list[Tensor]]:
-        """(key, query) parameters in matching order, listed once (and again after ``_apply``)."""
-        if self._parameter_lists is None:
-            self._parameter_lists = (
-                [*self.key_encoder.parameters(), *self.key_projector.parameters()],
-                [*self.encoder.parameters(), *self.projector.parameters()],
-            )
-        return self._parameter_lists
-
-    def _apply(self, fn, recurse=True):
-        self._parameter_lists = None  # .to() and friends may replace the parameter objects
-        return super()._apply(fn, recurse)
-
-    @torch.no_grad()
-    def _momentum_update(self) -> None:
-        """theta_k <- m theta_k + (1 - m) theta_q, over all parameters at once (foreach ops)."""
-        keys, queries = self._momentum_parameters()
-        torch._foreach_mul_(keys, self.key_momentum)
-        torch._foreach_add_(keys, queries, alpha=1.0 - self.key_momentum)
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """The key encoder and key head follow the query ones (corex_ssl.MomentumObjective)."""
+        return [(self.encoder, self.key_encoder), (self.projector, self.key_projector)]
 
     @torch.no_grad()
     def _encode_keys_across_ranks(self, images: Tensor) -> Tensor:

@@ -121,18 +121,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-# The summary's metrics, in this order, where the evaluators produced them.
-HEADLINE = ("macro_f1", "accuracy", "balanced_accuracy", "auroc", "ece", "brier", "dice", "dice/positive", "iou", "pointing_game", "loss")
-
-
 def evaluation_table(results: dict) -> str:
-    """Headline metrics with their 95% intervals, and with TTA beside them when it was used."""
+    """Headline metrics (as their plugins declare them, corex.metrics) with their 95% intervals, and with
+    TTA beside them when it was used."""
+    from corex.metrics import catalog
+
     stage = results["stages"]["evaluate"]
     metrics, intervals = stage["metrics"], stage.get("intervals", {})
     tta = results.get("tta") or []
     lines = [f"{results['model']} (stage {results['stage']}), {results['split']} split" + (f", TTA: {', '.join(tta)}" if tta else "")]
     lines.append(f"  {'metric':18s} {'value':>7s}  {'95% interval':16s}" + (f" {'with TTA':>8s}" if tta else ""))
-    for key in HEADLINE:
+    for key in [*catalog().headline(), "loss"]:
         value = metrics.get(key)
         if not isinstance(value, (int, float)):
             continue

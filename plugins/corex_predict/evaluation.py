@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import corex
 from corex import rundir
-from corex.engine import build_data, build_evaluators, evaluate_split
 from corex.errors import CorexError
 from corex.interfaces import NeedsModel
 from corex.plugins import Registry
@@ -53,7 +53,7 @@ def evaluate(
     loaded.to(device or recipe.device)
     spec = _evaluation_stage(recipe, split, evaluators, loaded, registry)
 
-    source = build_data(recipe, registry)
+    source = corex.build_data(recipe, registry)
     if list(source.class_names) != loaded.class_names:
         raise CorexError(f"the data's classes {list(source.class_names)} are not the model's {loaded.class_names}")
     folder = _new_folder(Path(model).expanduser(), split, out)
@@ -66,13 +66,13 @@ def evaluate(
 
     def run(model, evaluators, artefacts: Path, label: str):
         # Exactly the engine's evaluate stage: calibration fitted on the validation split first.
-        return evaluate_split(model, source, recipe, spec, evaluators, loaded.device, split=split, heads=heads, weights=weights,
+        return corex.evaluate_split(model, source, recipe, spec, evaluators, loaded.device, split=split, heads=heads, weights=weights,
                               artefacts=artefacts, desc=f"[evaluate] {label}", channels_last=loaded.channels_last)
 
-    metrics, intervals = run(loaded.model, build_evaluators(spec, loaded.class_names, registry, split), folder, split)
+    metrics, intervals = run(loaded.model, corex.build_evaluators(spec, loaded.class_names, registry, split), folder, split)
     if views:
         # Evaluators that look inside the model (Grad-CAM) would see the plain model: run them once.
-        plain_only = [(path, e) for path, e in build_evaluators(spec, loaded.class_names, registry, split) if not (isinstance(e, NeedsModel) and e.needs_model)]
+        plain_only = [(path, e) for path, e in corex.build_evaluators(spec, loaded.class_names, registry, split) if not (isinstance(e, NeedsModel) and e.needs_model)]
         tta_metrics, tta_intervals = run(TTAModel(loaded.model, views), plain_only, folder / "tta", f"{split} with tta")
         metrics.update({f"tta/{k}": v for k, v in tta_metrics.items()})
         intervals.update({f"tta/{k}": v for k, v in tta_intervals.items()})

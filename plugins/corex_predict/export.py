@@ -20,8 +20,7 @@ from typing import Any
 
 import yaml
 
-from corex import __version__, rundir
-from corex.engine import encoder_state
+from corex import __version__, encoder_state, rundir
 from corex.errors import CorexError
 from corex_predict.model import ENCODER_FORMAT, FORMAT, INTENSITY, plain, run_model
 

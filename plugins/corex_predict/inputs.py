@@ -18,10 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from corex_cxr.cache import FULL_SCALE, decode_to_cache
-from corex_cxr.dicom import read_header
-from corex_cxr.errors import DataError
-from corex_cxr.images import PICTURE_SUFFIXES, read_image
+from corex_cxr import FULL_SCALE, PICTURE_SUFFIXES, DataError, decode_to_cache, read_header, read_image
 from torch.utils.data import Dataset
 
 from corex.errors import CorexError

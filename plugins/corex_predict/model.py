@@ -21,13 +21,13 @@ from typing import Any
 import torch
 import yaml
 
-from corex import __version__, rundir
-from corex.binding import Problems, bind_options
+import corex
+from corex import CorexModel, __version__, resolve_device, rundir
+from corex.binding import Problems
 from corex.checkpoints import load_file
-from corex.engine import CorexModel, build_component, resolve_device
 from corex.errors import CorexError
 from corex.plugins import Registry
-from corex.recipe import INJECTED, Component, Recipe, load_recipe
+from corex.recipe import Component, Recipe, bind_component, load_recipe
 
 FORMAT = "corex-model/1"
 ENCODER_FORMAT = "corex-encoder/1"
@@ -113,9 +113,7 @@ def class_names_of(run_dir: Path, recipe: Mapping[str, Any]) -> list[str]:
         classes = data.get(split, {}).get("classes") if isinstance(data.get(split), Mapping) else None
         if isinstance(classes, Mapping) and classes:
             return [str(name) for name in classes]  # describe() lists them in label order
-    from corex.engine import build_data
-
-    return [str(name) for name in build_data(load_recipe(dict(recipe))).class_names]
+    return [str(name) for name in corex.build_data(load_recipe(dict(recipe))).class_names]
 
 
 def _component(spec: Any) -> tuple[str, dict[str, Any]]:
@@ -207,32 +205,24 @@ class LoadedModel:
 
 
 def build_from_metadata(meta: Mapping[str, Any], where: str, registry: Registry | None = None) -> CorexModel:
-    """A freshly initialised model with the architecture ``meta`` describes."""
+    """A freshly initialised model with the architecture ``meta`` describes, built as a recipe's is."""
     registry = registry or Registry()
     problems = Problems()
 
-    def bound(kind: str, name: str, options: Mapping[str, Any], path: str) -> Component:
-        try:
-            factory = registry.get(kind, name).factory
-        except KeyError as exc:
-            raise CorexError(f"{where}: the model needs {exc.args[0]}") from None
-        kept = {k: v for k, v in options.items() if k not in WEIGHT_OPTIONS}
-        return Component(name, bind_options(factory, kept, path, problems, injected=INJECTED[kind]))
+    def component(kind: str, name: str, options: Mapping[str, Any], path: str) -> Component:
+        spec = Component(name, {k: v for k, v in options.items() if k not in WEIGHT_OPTIONS})
+        if not bind_component(registry, kind, spec, path, problems):
+            raise CorexError(f"{where}: the model needs {problems[-1].split(': ', 1)[1]}")
+        return spec
 
-    encoder_spec = bound("encoders", meta["encoder"]["name"], meta["encoder"].get("options", {}), "encoder")
-    head_specs = {name: bound("heads", h["factory"], h.get("options", {}), f"heads.{name}") for name, h in meta["heads"].items()}
+    encoder = component("encoders", meta["encoder"]["name"], meta["encoder"].get("options", {}), "encoder")
+    heads = {name: (component("heads", h["factory"], h.get("options", {}), f"heads.{name}"), f"heads.{name}") for name, h in meta["heads"].items()}
     if problems:
         raise CorexError(f"{where}: its options do not fit the installed plugins: " + "; ".join(problems))
     try:
-        encoder = build_component(registry, "encoders", encoder_spec, "encoder")
-        heads = {
-            name: build_component(registry, "heads", spec, f"heads.{name}", channels=tuple(encoder.channels),
-                                  strides=tuple(encoder.strides), num_classes=len(meta["class_names"]))
-            for name, spec in head_specs.items()
-        }
+        return corex.assemble_model(encoder, heads, len(meta["class_names"]), registry, encoder_path="encoder")
     except CorexError as exc:
         raise CorexError(f"{where}: cannot rebuild the model: {exc}") from None
-    return CorexModel(encoder, heads)
 
 
 def _load_state(model: CorexModel, state: Mapping[str, torch.Tensor], where: str) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from corex_eval.artefacts import slug, write_csv
+from corex_eval import slug, write_csv
 from torch.utils.data import DataLoader
 
 from corex import rundir

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from corex_eval.artefacts import save_figure
-from corex_eval.localization import LocalizationEvaluator
+from corex_eval import LocalizationEvaluator, save_figure
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure

@@ -25,21 +25,24 @@ from typing import Any
 
 import numpy as np
 
+from corex import metrics as declared
 from corex.errors import CorexError, did_you_mean
 from corex.rundir import atomic_path, atomic_write_text, write_json
 from corex_study import stats
 from corex_study.runs import Run, find_runs, read_predictions
 
-# Columns of the table, when the runs have them; the compared metric comes first.
-HEADLINE = ("macro_f1", "balanced_accuracy", "accuracy", "auroc", "study_map", "dice/positive", "ece",
-            "ece/calibrated", "pointing_game")
 ALPHA = 0.05
 NO_DIFFERENCE = "no detectable difference at this size"
 
 
 def compare_runs(paths: list[Path], *, baseline: str | None = None, metric: str = "macro_f1",
-                 resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """The comparison of every run found under ``paths`` as plain data (see :func:`write_comparison`)."""
+                 resamples: int = 2000, seed: int = 0, catalog: declared.Catalog | None = None) -> dict[str, Any]:
+    """The comparison of every run found under ``paths`` as plain data (see :func:`write_comparison`).
+
+    The table's columns are the metrics the plugins declare as headline (:mod:`corex.metrics`);
+    a metric is compared by test study when its declaration says how to recompute it from predictions.
+    """
+    catalog = catalog or declared.catalog()
     runs = find_runs(paths)
     if not any(metric in run.metrics for run in runs):
         available = sorted({k for run in runs for k in run.metrics})
@@ -49,8 +52,9 @@ def compare_runs(paths: list[Path], *, baseline: str | None = None, metric: str 
     if baseline not in recipes:
         raise CorexError(f"--baseline: no run of recipe '{baseline}'{did_you_mean(baseline, recipes)}; the runs are of {', '.join(recipes)}")
     arms = group_arms(runs)
-    columns = [metric] + [m for m in HEADLINE if m != metric and any(m in run.metrics for run in runs)]
-    differences = [paired_difference(arm_runs, arms[(baseline, fraction)], metric, resamples, seed)
+    columns = [metric] + [m for m in catalog.headline() if m != metric and any(m in run.metrics for run in runs)]
+    declaration = catalog.get(metric)
+    differences = [paired_difference(arm_runs, arms[(baseline, fraction)], metric, resamples, seed, declaration)
                    for (recipe, fraction), arm_runs in arms.items()
                    if recipe != baseline and (baseline, fraction) in arms]
     for test in ("by_seed", "by_study"):
@@ -68,6 +72,7 @@ def compare_runs(paths: list[Path], *, baseline: str | None = None, metric: str 
         "arms": [summarise_arm(recipe, fraction, arm_runs, columns) for (recipe, fraction), arm_runs in arms.items()],
         "differences": differences,
         "resamples": resamples,
+        "higher_is_better": catalog.higher_is_better(metric),
     }
 
 
@@ -95,8 +100,10 @@ def summarise_arm(recipe: str, fraction: float, runs: list[Run], columns: list[s
     }
 
 
-def paired_difference(arm: list[Run], baseline: list[Run], metric: str, resamples: int, seed: int) -> dict[str, Any]:
-    """``arm - baseline`` on ``metric``, paired by seed and by test study."""
+def paired_difference(arm: list[Run], baseline: list[Run], metric: str, resamples: int, seed: int,
+                      declaration: declared.Metric | None = None) -> dict[str, Any]:
+    """``arm - baseline`` on ``metric``, paired by seed and by test study (when the metric's declaration
+    says how to recompute it from study-level predictions, see :class:`corex.metrics.Metric`)."""
     by_seed = {run.seed: run for run in baseline}
     pairs = [(run, by_seed[run.seed]) for run in sorted(arm, key=lambda r: r.seed) if run.seed in by_seed]
     pairs = [(a, b) for a, b in pairs if metric in a.metrics and metric in b.metrics]
@@ -111,17 +118,18 @@ def paired_difference(arm: list[Run], baseline: list[Run], metric: str, resample
         return result
     if len(pairs) >= 2:
         result["by_seed"] = stats.paired_t(result["differences"])
-    if metric not in stats.PREDICTION_METRICS:
-        result["by_study_missing"] = f"'{metric}' cannot be recomputed from predictions.csv"
+    if declaration is None or declaration.recompute is None or declaration.predictions is None:
+        result["by_study_missing"] = f"'{metric}' cannot be recomputed from predictions (its declaration gives no recompute)"
         return result
     matched = []
     for a, b in pairs:
-        mine, theirs = read_predictions(a), read_predictions(b)
+        mine, theirs = read_predictions(a, declaration.predictions), read_predictions(b, declaration.predictions)
         if mine is None or theirs is None:
-            result["by_study_missing"] = f"no predictions.csv in {(a if mine is None else b).predictions_path.parent}"
+            missing = (a if mine is None else b).predictions_path(declaration.predictions)
+            result["by_study_missing"] = f"no {declaration.predictions} in {missing.parent}"
             return result
         matched.append(aligned(a, mine, b, theirs))
-    result["by_study"] = stats.paired_bootstrap(matched, metric, resamples=resamples, seed=seed)
+    result["by_study"] = stats.paired_bootstrap(matched, declaration.recompute, resamples=resamples, seed=seed)
     return result
 
 

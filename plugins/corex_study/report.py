@@ -16,32 +16,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from corex_eval.artefacts import slug
+import csv
 
+from corex import metrics as declared
 from corex.errors import CorexError
 from corex.rundir import atomic_write_text, write_json
-from corex_study.findings import RULE, read_csv, stage_findings, stage_folder
 from corex_study.runs import read_json
-
-# What each figure an evaluator writes shows; {split} is the evaluate stage's split.
-CAPTIONS = {
-    "confusion_matrix.png": "Confusion matrix on the {split} split: counts, and shares of each true class (rows; recall on the "
-                            "diagonal). Off-diagonal cells are the confusions a clinician would see.",
-    "roc.png": "ROC curves on the {split} split, one per class against the rest: how true-positive and false-positive rates "
-               "trade off as the decision threshold moves.",
-    "pr.png": "Precision-recall curves on the {split} split, one per class: how many flagged studies are right (precision) "
-              "against how many of the class are found (recall).",
-    "reliability.png": "Reliability diagram on the {split} split: accuracy per bin of top-class confidence against the "
-                       "diagonal of perfect calibration, with how many predictions fall in each bin.",
-    "segmentation_examples.png": "Segmentation gallery from the {split} split: the target opacity outline (green) and the "
-                                 "predicted one (red), with each image's Dice.",
-    "saliency_examples.png": "Saliency gallery from the {split} split: Grad-CAM of the true class (colour, blue low to red "
-                             "high) over the image, box outlines in green; a hit means the saliency maximum lies inside a box.",
-}
-FIGURE_ORDER = list(CAPTIONS)
-HEADLINE = ("macro_f1", "balanced_accuracy", "accuracy", "auroc", "study_map", "ece", "ece/calibrated", "brier",
-            "brier/calibrated", "temperature", "dice", "dice/positive", "iou/positive", "fp_area/negative",
-            "pointing_game", "saliency_in_mask", "mask_area", "n")
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1100px; margin: 2em auto;
@@ -135,11 +115,21 @@ def data_table(data: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return header, rows
 
 
-def metrics_table(result: dict[str, Any], classes: set[str]) -> list[list[Any]]:
-    """Headline metrics first, then any others; per-class ones (``f1/typical``) are left to the per-class table."""
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def metrics_table(result: dict[str, Any], catalog: declared.Catalog) -> list[list[Any]]:
+    """Headline metrics first (as the plugins declare them), then any others; the families of
+    per-class ones (``f1/*``) are left to the per-class table."""
     metrics, intervals = result.get("metrics", {}), result.get("intervals", {})
-    names = [m for m in HEADLINE if metrics.get(m) is not None]
-    names += sorted(m for m in metrics if m not in names and metrics[m] is not None and m.rsplit("/", 1)[-1] not in classes)
+    names = [m for m in catalog.headline() if metrics.get(m) is not None]
+    families = {m.name for m in catalog if "*" in m.name}
+    names += sorted(m for m in metrics if m not in names and metrics[m] is not None
+                    and not ((metric := catalog.get(m)) is not None and metric.name in families))
     rows = []
     for name in names:
         interval = intervals.get(name)
@@ -147,26 +137,30 @@ def metrics_table(result: dict[str, Any], classes: set[str]) -> list[list[Any]]:
     return rows
 
 
-def write_report(run_dir: str | Path) -> dict[str, Any]:
+def write_report(run_dir: str | Path, pm: Any = None) -> dict[str, Any]:
     """Write report.html, report.md and report.json into ``run_dir``; returns the report.json content.
 
-    Reads results.json (required), data.json, curves.png and each evaluate stage's folder.
+    Reads results.json (required), data.json, curves.png and each evaluate stage's folder. The
+    findings, the headline metrics and the figures' captions come from the plugins that computed
+    them (``corex_findings``, ``corex_metrics``, ``corex_artefacts``).
     """
     run_dir = Path(run_dir)
     if not (run_dir / "results.json").exists():
         raise CorexError(f"'{run_dir}' holds no results.json: not a finished run directory")
     results = read_json(run_dir / "results.json")
     name = results.get("recipe", run_dir.name)
+    catalog, captions = declared.catalog(pm), declared.artefacts(pm)
     evaluations = {s: r for s, r in results.get("stages", {}).items() if r.get("kind") == "evaluate"}
-    findings = [f for stage, result in evaluations.items() for f in stage_findings(run_dir, stage, result)]
-    verdicts = [f for f in findings if "recall/" in f["metric"]]
+    findings = [f for stage, result in evaluations.items() for f in declared.findings(run_dir, stage, result, pm)]
+    verdicts = [f for f in findings if f.verdict]
 
     doc = Document(f"Deploy-readiness report: {name}")
     doc.heading("Findings")
-    if verdicts:
-        doc.paragraph(verdicts[0]["text"], "verdict")
-    doc.paragraph(RULE, "rule")
-    doc.items([f"[{f['stage']}] {f['text']}" if len(evaluations) > 1 else f["text"] for f in findings if f not in verdicts[:1]])
+    for verdict in verdicts:
+        doc.paragraph(f"[{verdict.stage}] {verdict.text}" if len(evaluations) > 1 else verdict.text, "verdict")
+    for note in dict.fromkeys(v.note for v in verdicts if v.note):
+        doc.paragraph(note, "rule")
+    doc.items([f"[{f.stage}] {f.text}" if len(evaluations) > 1 else f.text for f in findings if not f.verdict])
 
     if (run_dir / "data.json").exists():
         header, rows = data_table(read_json(run_dir / "data.json"))
@@ -176,32 +170,44 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
             doc.table(header, rows)
     if (run_dir / "curves.png").exists():
         doc.heading("Training")
-        doc.figure(run_dir / "curves.png", "Training and validation curves per stage (metrics.jsonl); the selected "
-                   "checkpoint is the best validation epoch.", run_dir)
+        doc.figure(run_dir / "curves.png", "Training and validation curves per stage (metrics.jsonl)" + selection_note(results) + ".",
+                   run_dir)
 
+    order = list(captions)
     for stage, result in evaluations.items():
         split = result.get("split", stage)
-        folder = stage_folder(run_dir, stage)
+        folder = declared.stage_folder(run_dir, stage)
         doc.heading(f"Evaluation: {stage} ({split} split)")
-        per_class = read_csv(folder / "per_class.csv")
-        rows = metrics_table(result, {slug(row["class"]) for row in per_class})
+        rows = metrics_table(result, catalog)
         if rows:
             doc.table(["metric", "value", "95% bootstrap interval"], rows)
-        if per_class:
-            doc.paragraph(f"Per class on the {split} split (per_class.csv).")
-            columns = list(per_class[0])
-            doc.table(columns, [[_maybe_float(row[c]) for c in columns] for row in per_class])
-        pictures = sorted((p for p in folder.glob("*.png") if p.name != "curves.png"), key=lambda p: (FIGURE_ORDER.index(p.name) if p.name in FIGURE_ORDER else len(FIGURE_ORDER), p.name))
+        for table in sorted(folder.glob("*.csv"), key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name)):
+            rows_read = read_csv(table)
+            if table.name in captions and rows_read and len(rows_read) <= 50:  # a per-sample table is linked, not shown
+                doc.paragraph(captions[table.name].format(split=split) + f" ({table.name})")
+                columns = list(rows_read[0])
+                doc.table(columns, [[_maybe_float(row[c]) for c in columns] for row in rows_read])
+        pictures = sorted((p for p in folder.glob("*.png") if p.name != "curves.png"), key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
         for picture in pictures:
-            caption = CAPTIONS.get(picture.name, "Figure written by the evaluate stage: " + re.sub(r"[_-]+", " ", picture.stem) + ".")
+            caption = captions.get(picture.name, "Figure written by the evaluate stage: " + re.sub(r"[_-]+", " ", picture.stem) + ".")
             doc.figure(picture, caption.format(split=split), run_dir)
 
-    report = {"run": str(run_dir), "recipe": name, "rule": RULE, "findings": findings}
+    report = {"run": str(run_dir), "recipe": name, "rules": list(dict.fromkeys(v.note for v in verdicts if v.note)),
+              "findings": [f.to_dict() for f in findings]}
     meta = f"Run directory {run_dir}; written by corex_study from results.json and the evaluate stages' artefacts."
     atomic_write_text(run_dir / "report.html", doc.render_html(meta))
     atomic_write_text(run_dir / "report.md", "\n".join(doc.md))
     write_json(run_dir / "report.json", report)
     return report
+
+
+def selection_note(results: dict[str, Any]) -> str:
+    """How each train stage's checkpoint was chosen, as the results say."""
+    chosen = [f"stage '{name}' keeps epoch {stage['best_epoch']}, the best validation {stage['selected_on']}"
+              for name, stage in results.get("stages", {}).items() if stage.get("selected_on") and stage.get("best_epoch") is not None]
+    unchosen = [f"stage '{name}' selected no epoch ({stage['selected_on']} was never finite), so it keeps its last weights"
+                for name, stage in results.get("stages", {}).items() if stage.get("selected_on") and stage.get("best_epoch") is None]
+    return "; " + "; ".join(chosen + unchosen) if chosen or unchosen else ""
 
 
 def _maybe_float(text: str) -> Any:

@@ -12,6 +12,7 @@ import numpy as np
 import yaml
 
 from corex.errors import CorexError
+from corex.metrics import slug, stage_folder
 
 
 @dataclass
@@ -31,16 +32,8 @@ class Run:
     def arm(self) -> str:
         return f"{self.recipe} @ {self.label_fraction:g}"
 
-    @property
-    def predictions_path(self) -> Path:
-        return stage_folder(self.path, self.stage) / "predictions.csv"
-
-
-def stage_folder(run_dir: Path, stage: str) -> Path:
-    """Where an evaluate stage's artefacts are: ``RUN/STAGE/``, or the folder itself for a
-    re-evaluation folder that holds one stage's artefacts beside its results.json."""
-    folder = Path(run_dir) / stage
-    return folder if folder.is_dir() else Path(run_dir)
+    def predictions_path(self, name: str) -> Path:
+        return stage_folder(self.path, self.stage) / name
 
 
 def read_json(path: Path) -> Any:
@@ -106,13 +99,14 @@ class Predictions:
     groups: list[str]
 
 
-def read_predictions(run: Run) -> Predictions | None:
-    """``STAGE/predictions.csv`` of the classification evaluator; ``None`` when absent.
+def read_predictions(run: Run, name: str) -> Predictions | None:
+    """The study-level predictions file ``name`` of the run's test stage (corex's predictions format,
+    see :class:`corex.metrics.Metric`); ``None`` when absent.
 
-    Columns: ``study_id`` (or ``image_id``), ``label``, ``predicted``, ``p_<class>``; a
-    ``patient_id`` column, when present, groups a patient's studies for the bootstrap.
+    Columns: ``study_id`` (or ``image_id``), ``label``, ``p_<class>``; a ``patient_id`` column,
+    when present, groups a patient's studies for the bootstrap.
     """
-    path = run.predictions_path
+    path = run.predictions_path(name)
     if not path.exists():
         return None
     with path.open(newline="") as handle:
@@ -122,8 +116,6 @@ def read_predictions(run: Run) -> Predictions | None:
     columns = list(rows[0])
     id_column = next((c for c in columns if c in ("study_id", "image_id")), columns[0])
     classes = [c for c in columns if c.startswith("p_")]
-    from corex_eval.artefacts import slug
-
     index = {c[2:]: i for i, c in enumerate(classes)}
     try:
         labels = np.array([index[slug(row["label"])] for row in rows])

@@ -5,8 +5,9 @@
   arms are scored on the *same* resamples of the test studies (a patient's studies drawn
   together), so the variation that the two arms share cancels.
 * :func:`holm` -- Holm's step-down adjustment of p-values for the number of comparisons made.
-* :func:`weighted_metric` -- the headline metrics recomputed from study-level probabilities under
-  many weightings at once (a bootstrap resample is a weighting: how often each study was drawn).
+
+The metrics themselves are recomputed under weightings (a bootstrap resample is a weighting: how
+often each study was drawn) by the plugin that declares them (``Metric.recompute``, corex.metrics).
 
 No scipy at run time: the t distribution comes from the regularised incomplete beta function.
 """
@@ -14,13 +15,9 @@ No scipy at run time: the t distribution comes from the regularised incomplete b
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
-
-# Metrics that can be recomputed from study-level predictions (test/predictions.csv).
-PREDICTION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "study_map")
 
 
 # -- the t distribution -----------------------------------------------------------------------
@@ -128,73 +125,6 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-# -- metrics under weightings ------------------------------------------------------------------
-
-
-def weighted_metric(name: str, probabilities: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``name`` under each row of ``weights`` ``(R, N)``: how often each of the N studies counts.
-
-    A row of ones gives the plain metric. Conventions follow the classification evaluator: macro
-    averages leave out a class absent from both targets and predictions; a class without
-    positives or negatives has no AUROC or AP and is left out of the macro mean.
-    ``study_map`` is corex_eval's: the mean over classes of the PASCAL VOC 2010 average precision
-    (all-point, with the monotone precision envelope), as the SIIM-FISABIO-RSNA challenge scored it.
-    """
-    weights = np.atleast_2d(np.asarray(weights, dtype=float))
-    probabilities = np.asarray(probabilities, dtype=float)
-    labels = np.asarray(labels, dtype=int)
-    k = probabilities.shape[1]
-    target = np.eye(k)[labels]
-    if name in ("accuracy", "balanced_accuracy", "macro_f1"):
-        hit = np.eye(k)[probabilities.argmax(1)]
-        support, predicted, true_positive = weights @ target, weights @ hit, weights @ (target * hit)
-        if name == "accuracy":
-            return true_positive.sum(1) / weights.sum(1)
-        seen = (support + predicted) > 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            if name == "balanced_accuracy":
-                per_class = np.nan_to_num(true_positive / support)
-            else:
-                per_class = np.nan_to_num(2 * true_positive / (support + predicted))
-        return (per_class * seen).sum(1) / seen.sum(1)
-    if name == "study_map":
-        # The evaluator's own definition (VOC 2010 AP, enveloped), so that compare's paired
-        # differences are on the very metric results.json and the report quote.
-        import torch
-        from corex_eval import study_map
-
-        return study_map(torch.as_tensor(probabilities), torch.as_tensor(labels), torch.as_tensor(weights)).numpy()
-    if name == "auroc":
-        score = _weighted_auroc
-        per_class = np.stack([score(probabilities[:, c], target[:, c], weights) for c in range(k)], 1)
-        with warnings.catch_warnings():  # a weighting where no class has a score gives nan
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(per_class, 1)
-    raise ValueError(f"metric '{name}' cannot be recomputed from predictions; one of {', '.join(PREDICTION_METRICS)}")
-
-
-def _tie_groups(score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order sorting ``score`` ascending and the tie-group number of each sorted position."""
-    order = np.argsort(score, kind="mergesort")
-    sorted_score = score[order]
-    group = np.concatenate([[0], np.cumsum(sorted_score[1:] > sorted_score[:-1])])
-    return order, group
-
-
-def _weighted_auroc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Mann-Whitney AUROC per weighting: P(positive scores above negative), ties counting 1/2."""
-    order, group = _tie_groups(score)
-    w = weights[:, order]
-    w_pos, w_neg = w * positive[order], w * (1 - positive[order])
-    negatives_in_group = np.zeros((w.shape[0], group[-1] + 1))
-    np.add.at(negatives_in_group.T, group, w_neg.T)
-    below = np.cumsum(negatives_in_group, 1) - negatives_in_group
-    credit = (below + 0.5 * negatives_in_group)[:, group]
-    pairs = w_pos.sum(1) * w_neg.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(pairs > 0, (w_pos * credit).sum(1) / pairs, np.nan)
-
-
 def cluster_weights(groups: Sequence[object], resamples: int, rng: np.random.Generator) -> np.ndarray:
     """``(resamples, N)`` draw counts of a cluster bootstrap: clusters (patients) are drawn with
     replacement as many times as there are clusters, and every study of a drawn cluster counts."""
@@ -208,7 +138,7 @@ def cluster_weights(groups: Sequence[object], resamples: int, rng: np.random.Gen
 
 def paired_bootstrap(
     pairs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[object]]],
-    metric: str | Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    metric: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
     *,
     resamples: int = 2000,
     seed: int = 0,
@@ -222,7 +152,7 @@ def paired_bootstrap(
     the mean over seeds of the difference. Returns the point estimate on the full data, the
     interval, and a two-sided bootstrap p-value ``2 * min(P(d <= 0), P(d >= 0))``.
     """
-    score = metric if callable(metric) else (lambda p, y, w: weighted_metric(metric, p, y, w))
+    score = metric
     rng = np.random.default_rng(seed)
     estimate, draws = [], []
     for arm, baseline, labels, groups in pairs:

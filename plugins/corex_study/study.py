@@ -296,9 +296,7 @@ def study_command(args) -> int:
 
 
 def resolve(path: str) -> Path:
-    from corex.cli import resolve_recipe_path
-
-    resolved = resolve_recipe_path(path)
+    resolved = corex.find_recipe(path)
     if not resolved.exists():
         raise CorexError(f"recipe '{path}' does not exist (give a YAML file or a shipped recipe name, see `corex recipes`)")
     return resolved

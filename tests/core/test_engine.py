@@ -186,7 +186,7 @@ def test_mixed_precision_path_trains_and_evaluates(tiny_recipe, tmp_path):
 
 
 def test_autocast_choice_per_device():
-    from corex.engine import autocast_dtype
+    from corex.loaders import autocast_dtype
     from corex.recipe import Stage
 
     assert autocast_dtype(Stage(name="s", kind="train"), torch.device("cpu")) is None  # float32 on CPU

@@ -206,12 +206,12 @@ def test_the_python_api_names_its_own_arguments(quick_recipe, tmp_path):
 
 
 def test_ctrl_c_before_the_run_directory_exists_suggests_no_resume(corex_cli, quick_recipe, tmp_path, monkeypatch):
-    from corex.engine import Runner
+    from corex.lifecycle import RunDirectory
 
     def interrupted(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Runner, "_open_directory", interrupted)
+    monkeypatch.setattr(RunDirectory, "open", interrupted)
     code, _, err = corex_cli("run", _write(quick_recipe, tmp_path), "--out", tmp_path / "run")
     assert code == 130 and "--resume" not in err and "nothing was written" in err
 

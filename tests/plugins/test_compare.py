@@ -67,14 +67,29 @@ def random_predictions(n=60, k=4, seed=0):
     return probabilities, labels
 
 
+def recompute(name: str):
+    """How the plugin that declares ``name`` recomputes it from predictions (corex.metrics)."""
+    from corex.metrics import catalog
+
+    return catalog().get(name).recompute
+
+
+PREDICTION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "study_map")
+
+
 def test_weighted_metrics_equal_scikit_learn_with_sample_weights():
+    """The recompute functions the classification evaluator declares (corex.metrics), which compare's
+    paired bootstrap uses, against scikit-learn with sample weights."""
+    from corex.metrics import catalog as declared
+
+    catalog = declared()
     probabilities, labels = random_predictions()
     rng = np.random.default_rng(1)
     counts = rng.integers(0, 3, size=(3, len(labels))).astype(float)
     predicted = probabilities.argmax(1)
     for row in np.vstack([np.ones(len(labels)), counts]):
         keep = row > 0
-        got = {name: stats.weighted_metric(name, probabilities, labels, row[None])[0] for name in stats.PREDICTION_METRICS}
+        got = {name: catalog.get(name).recompute(probabilities, labels, row[None])[0] for name in PREDICTION_METRICS}
         y, p, w = labels[keep], probabilities[keep], row[keep]
         assert got["accuracy"] == pytest.approx(accuracy_score(y, p.argmax(1), sample_weight=w))
         assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p.argmax(1), sample_weight=w))
@@ -92,8 +107,7 @@ def test_weighted_metrics_equal_scikit_learn_with_sample_weights():
         assert got["study_map"] == pytest.approx(expected)
         assert got["study_map"] >= np.mean(ap) - 1e-12
     assert predicted.shape == labels.shape
-    with pytest.raises(ValueError, match="cannot be recomputed"):
-        stats.weighted_metric("dice", probabilities, labels, np.ones((1, len(labels))))
+    assert catalog.get("dice").recompute is None  # a segmentation metric: not from class probabilities
 
 
 def test_cluster_weights_draw_a_patients_studies_together():
@@ -115,7 +129,7 @@ def onehot_predictions(predicted, k=4):
 def test_identical_arms_give_an_interval_containing_zero_and_p_one():
     probabilities, labels = random_predictions()
     groups = [str(i) for i in range(len(labels))]
-    result = stats.paired_bootstrap([(probabilities, probabilities, labels, groups)], "macro_f1", resamples=300)
+    result = stats.paired_bootstrap([(probabilities, probabilities, labels, groups)], recompute("macro_f1"), resamples=300)
     assert result["mean"] == 0.0 and result["low"] == 0.0 == result["high"] and result["p"] == 1.0
 
 
@@ -127,7 +141,7 @@ def test_accuracy_difference_matches_the_binomial_answer():
     wrong = (labels + 1) % 4
     baseline_pred = np.where(np.arange(n) % 2 == 0, labels, wrong)
     pair = (onehot_predictions(labels), onehot_predictions(baseline_pred), labels, list(range(n)))
-    result = stats.paired_bootstrap([pair], "accuracy", resamples=4000, seed=3)
+    result = stats.paired_bootstrap([pair], recompute("accuracy"), resamples=4000, seed=3)
     half_width = 1.96 * math.sqrt(0.25 / n)
     assert result["mean"] == pytest.approx(0.5)
     assert result["low"] == pytest.approx(0.5 - half_width, abs=0.01)
@@ -140,7 +154,7 @@ def test_arms_differing_by_a_constant_in_every_resample():
     n = 50
     labels = np.arange(n) % 4
     pair = (onehot_predictions(labels), onehot_predictions((labels + 1) % 4), labels, list(range(n)))
-    two_seeds = stats.paired_bootstrap([pair, pair], "accuracy", resamples=200)
+    two_seeds = stats.paired_bootstrap([pair, pair], recompute("accuracy"), resamples=200)
     assert two_seeds["low"] == 1.0 == two_seeds["high"] and two_seeds["mean"] == 1.0 and two_seeds["n"] == 2
 
 

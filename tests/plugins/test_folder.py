@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +166,71 @@ def test_wrong_options_and_columns_get_specific_errors(folder, tmp_path):
         source(folder, tmp_path, study_column="study")
     with pytest.raises(DataError, match="CSV file does not exist"):
         source(folder, tmp_path, csv=Path("nope.csv"))
+
+
+# -- metadata --------------------------------------------------------------------------------------
+
+
+def test_metadata_from_csv_columns_and_dicom_headers(folder, tmp_path):
+    headers = {"PatientSex": "M", "PatientAge": "045Y", "ViewPosition": "PA", "Manufacturer": "SIEMENS",
+               "StudyDescription": "XR CHEST"}
+    write_dicom(folder / "e.dcm", np.rint(picture(3) * 4095).astype(np.uint16), bits_stored=12, headers=headers)
+    write_csv(folder / "meta.csv", [
+        ["path", "label", "sex", "age", "view", "portable"],
+        ["a.png", "typical", "Female", "83", "ap", "yes"],
+        ["c.jpg", "negative", "", "", "", ""],
+        ["e.dcm", "atypical", "", "30", "", ""],  # the CSV's age wins; the header fills the rest
+    ])
+    data = source(folder, tmp_path, csv=Path("meta.csv"), box_columns=None, patient_column=None)
+    meta = {item["image_id"]: item["meta"] for item in data.split("train")}
+    blank = dict.fromkeys(meta["c.jpg"], "")
+    assert meta["a.png"] == {**blank, "sex": "F", "age_band": "80+", "view": "AP", "portable": "yes"}
+    assert meta["c.jpg"] == blank  # a JPEG without metadata columns
+    assert meta["e.dcm"] == {**blank, "sex": "M", "age_band": "18-39", "view": "PA", "manufacturer": "SIEMENS",
+                             "modality": "DX", "portable": "no"}
+    assert data.describe()["subgroups"]["train"]["sex"] == {"": 1, "F": 1, "M": 1}
+
+
+def test_unlabelled_corpus_reads_dicom_headers_and_tolerates_a_bad_one(folder, tmp_path):
+    (folder / "broken.dcm").write_text("not a dicom")  # reported when decoding, not when scanning
+    data = source(folder, tmp_path, csv=None, box_columns=None, patient_column=None, on_bad_sample="skip")
+    meta = {item["image_id"]: item["meta"] for item in data.split("train")}
+    assert meta["e.dcm"]["modality"] == "DX" and meta["a.png"]["modality"] == ""
+    assert "broken.dcm" not in meta and data.skipped()[0]["path"].endswith("broken.dcm")
+
+
+# -- unchanged by the metadata: hashes of items from before it existed ------------------------------
+
+
+def test_folder_items_splits_and_order_are_unchanged(tmp_path):
+    root = tmp_path / "folder"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    rows = [["path", "label", "x", "y", "width", "height", "patient"]]
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8)).save(root / f"im{i}.png")
+        rows.append([f"im{i}.png", ["negative", "typical", "indeterminate", "atypical"][i % 4], i, 2, 5, 6, f"p{i // 2}"])
+    write_csv(root / "labels.csv", rows)
+
+    def digest(data) -> dict:
+        found = {}
+        for split in ("train", "val", "test"):
+            h, items = hashlib.sha256(), data.split(split)
+            for item in items:
+                fields = [item["image_id"], item["study_id"], item["patient_id"], int(item["label"]), bool(item["has_mask"])]
+                h.update(json.dumps(fields).encode())
+                h.update(item["image"].numpy().tobytes())
+                h.update(item["mask"].numpy().tobytes())
+            found[split] = [len(items), h.hexdigest()[:16]]
+        return found
+
+    options = dict(image_size=32, cache_dir=tmp_path / "cache", workers=1, val_fraction=0.2, test_fraction=0.2)
+    labelled = FolderSource(root=root, csv="labels.csv", box_columns=["x", "y", "width", "height"],
+                            patient_column="patient", **options)
+    assert digest(labelled) == {"train": [6, "77a47d016ee96c53"], "val": [2, "3cca5c1abbf0a37f"],
+                                "test": [2, "32b8915943b84411"]}
+    subset = sorted(item["image_id"] for item in labelled.split("train", label_fraction=0.3))
+    assert hashlib.sha256(json.dumps(subset).encode()).hexdigest()[:16] == "6e78f31407948eb7"
+    unlabelled = FolderSource(root=root, **options)
+    assert digest(unlabelled) == {"train": [6, "f2e36bcfa6e573fe"], "val": [2, "5a9a4d3cd36857db"],
+                                  "test": [2, "506719f9c9e3aa8c"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import subprocess
@@ -18,6 +19,8 @@ import corex_keras.encoder
 from corex.errors import RecipeError
 from corex.interfaces import Encoder
 from corex.testing import assert_light, assert_mirrors
+from corex_eval.localization import LocalizationEvaluator
+from corex_heads.classification import ClassificationHead
 from corex_keras import keras_densenet121, keras_efficientnetb0, keras_resnet50
 
 try:
@@ -298,3 +301,65 @@ def test_bad_options_are_reported_with_the_recipe_path(tiny_recipe, tmp_path):
     tiny_recipe["model"]["encoder"] = {"name": "keras_resnet50", "in_channels": 0}
     with pytest.raises(RecipeError, match="model.encoder: in_channels must be at least 1, got 0"):
         corex.run(corex.load_recipe(tiny_recipe), out=tmp_path / "bad", progress=False)
+
+
+# -- Gradients through the pyramid (Grad-CAM at any level) -------------------------------------
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_each_level_lies_on_the_autograd_path_to_the_deeper_ones(encoders, name):
+    """The deepest map depends on every returned level (not on a view taken beside keras's graph),
+    and the returned levels are exactly keras's own outputs."""
+    encoder = encoders[name].eval()
+    x = images()
+    pyramid = encoder(x)
+    gradients = torch.autograd.grad(pyramid[-1].square().sum(), pyramid[:-1], allow_unused=True)
+    for level, gradient in enumerate(gradients):
+        assert gradient is not None, f"level {level}: the deepest level does not depend on it"
+        assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0, f"level {level}"
+    with torch.no_grad():
+        keras_input = (x * encoder.input_scale).permute(0, 2, 3, 1)
+        keras_outputs = encoder.graph.model(keras_input, training=False)  # keras's own run, untapped
+    assert same([f.detach() for f in pyramid], [f.permute(0, 3, 1, 2) for f in keras_outputs])
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_grad_cam_works_at_every_pyramid_level(name):
+    torch.manual_seed(0)  # a fresh encoder: other tests train the shared ones
+    encoder = FACTORIES[name]().eval()
+    head = ClassificationHead(channels=encoder.channels, num_classes=4)
+    # Positive weights on the (mostly non-negative) deepest features: evidence for every class, so
+    # that no map is all zero by chance of the random initialisation (Grad-CAM keeps the positive part).
+    head.fc.weight.data.abs_()
+    model = corex.CorexModel(encoder, {"classification": head}).eval()
+    x, labels = images(), torch.tensor([1, 3])
+    classes = ["negative", "typical", "indeterminate", "atypical"]
+    for level in range(-1, -len(encoder.channels) - 1, -1):
+        with torch.no_grad():  # as the engine evaluates
+            cam = LocalizationEvaluator(class_names=classes, level=level).grad_cam(model, x, labels)
+        assert cam.shape == (2, 1, 64, 64), level
+        assert torch.isfinite(cam).all(), level
+        flat = cam.flatten(1)
+        assert (flat.amax(1) > flat.amin(1)).all(), f"level {level}: a constant map"
+    assert not any(p.grad is not None for p in model.parameters())  # only the features' gradients
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:AUROC leaves out:UserWarning")  # a 40-study phantom's tiny test split
+def test_the_quickstart_with_a_keras_encoder_scores_grad_cam(corex_cli, tmp_path):
+    """The reported failure: `corex run recipes/quickstart.yaml` with a keras encoder trained, then its
+    evaluate stage refused Grad-CAM at level -2."""
+    out = tmp_path / "run"
+    code, _, err = corex_cli(
+        "run", ROOT / "recipes" / "quickstart.yaml", "--out", out, "--overwrite", "--no-progress",
+        "--set", "model.encoder={name: keras_efficientnetb0}", "--set", "stages.train.epochs=1",
+        "--set", "data.studies=40", "--set", "data.image_size=64", "--set", "data.batch_size=8",
+        "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.workers=1",
+        "--set", "stages.test.evaluators.0.bootstrap=20", "--set", "stages.test.evaluators.2.bootstrap=20",
+    )
+    assert code == 0, err[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["stages"]["test"]["metrics"]
+    assert "pointing_game" in metrics and metrics["n_localized"] > 0
+    assert 0.0 <= metrics["pointing_game"] <= 1.0
+    assert (out / "test" / "saliency_examples.png").is_file()

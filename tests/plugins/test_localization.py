@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import corex
 import corex_eval
-from corex.engine import CorexModel
+from corex import CorexModel
 from corex.interfaces import Evaluator
 from corex_encoders import resnet18
 from corex_eval.localization import LocalizationEvaluator, localization_scores

@@ -13,7 +13,7 @@ import torch
 import torchmetrics.functional.classification as tmf
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-from corex.rundir import _best_epoch, plot_curves
+from corex.curves import best_epoch, plot_curves
 from corex_eval.average_precision import average_precision, average_precision_per_class, study_map
 from corex_eval.bootstrap import cluster_index, percentile_intervals, resample_counts
 from corex_eval.calibration import fit_temperature, weighted_brier, weighted_ece
@@ -354,12 +354,14 @@ def test_curves_mark_the_selected_epoch(tmp_path):
     rows += [{"stage": "train", "epoch": e + 1, "train/loss": 1.0, "val/loss": loss[e], "val/macro_f1": f1[e]}
              for e in range(4)]
     train = [r for r in rows if r["stage"] == "train"]
-    assert _best_epoch(train)[:3] == (2, "val/macro_f1", 0.6)
-    without_f1 = [{k: v for k, v in r.items() if k != "val/macro_f1"} for r in train]
-    assert _best_epoch(without_f1)[:3] == (3, "val/loss", 0.7)
-    assert "lowest val/loss" in _best_epoch(without_f1)[3]
-    assert _best_epoch([r for r in rows if r["stage"] == "pre"]) is None
-    plot_curves(rows, tmp_path / "curves.png")
+    # The epoch the stage selected, on the metric it was selected on (results.json says which).
+    assert best_epoch(train, "macro_f1", 2)[:3] == (2, "val/macro_f1", 0.6)
+    assert best_epoch(train, "loss", 3)[:3] == (3, "val/loss", 0.7)
+    assert "selected epoch 3: val/loss 0.700" == best_epoch(train, "loss", 3)[3]
+    assert best_epoch(train, "macro_f1", None) is None  # nothing was selected
+    assert best_epoch([{**r, "val/macro_f1": float("nan")} for r in train], "macro_f1", 2) is None
+    assert best_epoch([r for r in rows if r["stage"] == "pre"], None, None) is None
+    plot_curves(rows, tmp_path / "curves.png", selected={"train": ("macro_f1", 2)}, metrics=["macro_f1"])
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
 

@@ -261,7 +261,7 @@ def test_foreach_momentum_update_equals_the_per_parameter_loop():
     with torch.no_grad():
         for key, query in zip(key_parameters(moco), query_parameters(moco), strict=True):
             expected.append(key.clone().mul_(0.99).add_(query, alpha=1 - 0.99))
-    moco._momentum_update()
+    moco.momentum_update(moco.key_momentum)
     for key, want in zip(key_parameters(moco), expected, strict=True):
         assert torch.equal(key, want)
 
@@ -269,7 +269,7 @@ def test_foreach_momentum_update_equals_the_per_parameter_loop():
 def test_momentum_update_follows_parameters_replaced_by_to():
     torch.manual_seed(0)
     moco = make_moco(key_momentum=0.5)
-    moco._momentum_update()  # fills the cached parameter lists
+    moco.momentum_update(moco.key_momentum)  # fills the cached parameter lists
     previous = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)  # .to() makes new Parameters
     try:
@@ -278,7 +278,7 @@ def test_momentum_update_follows_parameters_replaced_by_to():
         torch.__future__.set_overwrite_module_params_on_conversion(previous)
     perturb_queries(moco)
     old_keys = [p.clone() for p in key_parameters(moco)]
-    moco._momentum_update()
+    moco.momentum_update(moco.key_momentum)
     for key, old, query in zip(key_parameters(moco), old_keys, query_parameters(moco), strict=True):
         torch.testing.assert_close(key, 0.5 * old + 0.5 * query)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import hashlib
 import importlib
 import json
 from collections import Counter
@@ -16,7 +17,9 @@ import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from corex_cxr.cli import corex_cli
-from corex_cxr.phantom import CLASS_COLUMNS, render_study, write_siim_phantom
+from corex_cxr.dicom import read_dicom
+from corex_cxr.metadata import from_header
+from corex_cxr.phantom import CLASS_COLUMNS, MANUFACTURERS, phantom_siim_source, render_study, write_siim_phantom
 
 # The package's `phantom` attribute is the dataset factory, which shadows the module.
 phantom = importlib.import_module("corex_cxr.phantom")
@@ -96,9 +99,37 @@ def test_like_the_real_data_some_studies_have_several_images_and_some_patients_s
     assert max(images_per_study.values()) >= 2
     studies_per_patient = Counter(pid for pid, _ in {(ds.PatientID, ds.StudyInstanceUID) for _, ds in dicoms})
     assert sorted(studies_per_patient.values())[-1] == 2
-    # Same patient, same sex.
-    sexes = {(ds.PatientID, ds.PatientSex) for _, ds in dicoms}
+    # Same patient, same sex and age.
+    sexes = {(ds.PatientID, ds.PatientSex, ds.PatientAge) for _, ds in dicoms}
     assert len(sexes) == len(studies_per_patient)
+
+
+def test_headers_for_subgroup_analysis(dicoms):
+    for _, ds in dicoms:
+        assert ds.PatientSex in {"F", "M"} and ds.ViewPosition in {"AP", "PA"} and ds.BodyPartExamined == "CHEST"
+        assert len(ds.PatientAge) == 4 and ds.PatientAge.endswith("Y") and 20 <= int(ds.PatientAge[:3]) <= 90
+        assert ds.Manufacturer in MANUFACTURERS[ds.Modality]
+        portable = "PORTABLE" in ds.SeriesDescription
+        assert ds.SeriesDescription == f"CHEST {ds.ViewPosition}" + (" PORTABLE" if portable else "")
+        assert not portable or ds.ViewPosition == "AP"
+        meta = from_header(ds)
+        assert meta.portable == ("yes" if portable else "no") and meta.age_band and meta.view == ds.ViewPosition
+
+
+def test_header_proportions_are_realistic():
+    plan = phantom._plan(2000, 0, 0.0, phantom._check_balance(None))
+    headers = phantom._headers(plan, 0)
+    patients = {study.patient: headers[study.images[0].uid] for study in plan}
+    male = np.mean([h.sex == "M" for h in patients.values()])
+    ages = np.array([h.age for h in patients.values()])
+    assert 0.52 < male < 0.58 and ages.min() >= 20 and ages.max() <= 90 and 50 < ages.mean() < 70
+    views = [h.view for h in headers.values()]
+    assert 0.52 < views.count("AP") / len(views) < 0.58
+    assert 0.75 < np.mean([h.portable for h in headers.values() if h.view == "AP"]) < 0.85
+    assert not any(h.portable for h in headers.values() if h.view == "PA")
+    for study in plan:  # one sex and age per patient, across studies
+        assert {(headers[i.uid].sex, headers[i.uid].age) for i in study.images} == {(patients[study.patient].sex,
+                                                                                     patients[study.patient].age)}
 
 
 def test_boxes_and_labels_columns(written):
@@ -283,6 +314,134 @@ def test_render_range_and_determinism():
     assert boxes == boxes_again
 
 
+# -- the headers move no pixel: hashes of the data before they existed --------------------------------
+
+
+def digest(value) -> str:
+    return hashlib.sha256(value if isinstance(value, bytes) else json.dumps(value).encode()).hexdigest()[:16]
+
+
+def pixel_digest(root: Path) -> str:
+    """The stored pixels and every element that maps them to intensities, per file."""
+    per_file = {}
+    for path in sorted(root.glob("train/*/*/*.dcm")):
+        ds = pydicom.dcmread(path)
+        keys = [str(ds.get(k, "")) for k in ("PhotometricInterpretation", "BitsStored", "RescaleSlope",
+                                             "RescaleIntercept", "WindowCenter", "WindowWidth", "Rows", "Columns")]
+        per_file[path.stem] = digest(ds.PixelData + json.dumps(keys).encode())
+    return hashlib.sha256(json.dumps(per_file, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_default_phantom_is_bit_identical_to_before_the_headers(written):
+    assert pixel_digest(written) == "120752ecef45c486"
+    assert digest((written / "train_study_level.csv").read_bytes()) == "92e580fa720230f7"
+    assert digest((written / "train_image_level.csv").read_bytes()) == "17ed757c2fef2a01"
+
+
+def test_quickstart_plan_and_renders_are_unchanged():
+    """Everything but the pixels of the quickstart's 1,500 studies, and a few of its renders."""
+    expected = {(1500, 0, 0.0): "3e337703c18fbe68", (400, 0, 0.0): "a4eba59ab22e9533", (200, 5, 0.3): "1cfb2e1152f2271b"}
+    for (studies, seed, noise), value in expected.items():
+        plan = phantom._plan(studies, seed, noise, phantom._check_balance(None))
+        rows = [[s.uid, s.truth, s.label, s.patient, [[i.index, i.uid, i.series_uid, i.series_number, i.boxed, i.modality,
+                 i.monochrome1, i.bits, list(i.stored_range), list(i.rescale) if i.rescale else None, i.window]
+                 for i in s.images]] for s in plan]
+        assert digest(rows) == value
+    renders = {(0, 0, 0, 1, 256, 0.3): "bd8d8b2873a7f731", (0, 7, 0, 3, 256, 0.3): "d41173d2269ef0ff",
+               (0, 11, 1, 0, 256, 0.3): "a4fbe9eb340a983a", (3, 2, 0, 2, 64, 0.5): "eb4d6dc861b706e0"}
+    for (seed, j, k, label, size, difficulty), value in renders.items():
+        image, boxes = render_study(np.random.default_rng((seed, j, k)), label, size, difficulty)
+        assert digest(image.tobytes() + json.dumps(boxes).encode()) == value
+
+
+def items_digest(data) -> dict:
+    found = {}
+    for split in ("train", "val", "test"):
+        h, items = hashlib.sha256(), data.split(split)
+        for item in items:
+            fields = [item["image_id"], item["study_id"], item["patient_id"], int(item["label"]), bool(item["has_mask"])]
+            h.update(json.dumps(fields).encode())
+            h.update(item["image"].numpy().tobytes())
+            h.update(item["mask"].numpy().tobytes())
+        found[split] = [len(items), h.hexdigest()[:16]]
+    subset = data.split("train", label_fraction=0.3)
+    found["train@0.3"] = digest(sorted(item["image_id"] for item in subset))
+    return found
+
+
+def test_phantom_source_items_splits_and_order_are_unchanged(tmp_path):
+    data = phantom_siim_source(image_size=32, seed=0, cache_dir=tmp_path, studies=30, difficulty=0.3, workers=1)
+    assert items_digest(data) == {"train": [24, "94ea7804aa044bf7"], "val": [4, "c00c648514202c60"],
+                                  "test": [4, "71c5bcaae3f8bbf9"], "train@0.3": "ba24ad3798434eb5"}
+    data = phantom_siim_source(image_size=32, seed=1, cache_dir=tmp_path, studies=24, folds=3, fold=1, workers=1)
+    assert items_digest(data) == {"train": [16, "06f3ce5175b979df"], "val": [6, "78480ed5c47f9b5e"],
+                                  "test": [3, "878b3e7b4c7597e3"], "train@0.3": "81e685df9e28a558"}
+
+
+# -- the planted harder subgroup -------------------------------------------------------------------
+
+
+def noise_and_contrast(image: np.ndarray) -> tuple[float, float]:
+    """(median absolute Laplacian, a robust noise level; 5th-95th percentile spread, the contrast)."""
+    laplacian = image[1:-1, 1:-1] - 0.25 * (image[:-2, 1:-1] + image[2:, 1:-1] + image[1:-1, :-2] + image[1:-1, 2:])
+    return float(np.median(np.abs(laplacian))), float(np.percentile(image, 95) - np.percentile(image, 5))
+
+
+def test_hard_subgroup_renders_ap_portable_images_noisier_and_flatter(written, tmp_path):
+    planted = write_siim_phantom(tmp_path / "hard", studies=STUDIES, seed=SEED, size=SIZE, progress=False,
+                                 hard_subgroup="ap_portable", hard_subgroup_strength=0.5)
+    hard = 0
+    for path in sorted(written.glob("train/*/*/*.dcm")):
+        twin = planted / path.relative_to(written)
+        before, after = pydicom.dcmread(path), pydicom.dcmread(twin)
+        assert from_header(before) == from_header(after)  # the same headers, planted or not
+        if (after.ViewPosition, from_header(after).portable) != ("AP", "yes"):
+            assert before.PixelData == after.PixelData
+            continue
+        hard += 1
+        # As rendered (the stored values, same mapping in both files): flatter, and noisier for its contrast.
+        (noise, contrast), (noise_hard, contrast_hard) = (noise_and_contrast(ds.pixel_array.astype(np.float64))
+                                                          for ds in (before, after))
+        assert contrast_hard < 0.85 * contrast
+        assert noise_hard / contrast_hard > 1.2 * noise / contrast
+        # As the model sees them (after the VOI, which may stretch the contrast back): still noisier.
+        (noise, contrast), (noise_hard, contrast_hard) = (noise_and_contrast(read_dicom(p)[0]) for p in (path, twin))
+        assert noise_hard / contrast_hard > 1.2 * noise / contrast
+    assert hard >= 2
+    manifest = json.loads((planted / "phantom.json").read_text())
+    assert manifest["hard_subgroup"] == "ap_portable" and manifest["hard_subgroup_images"] == hard
+    assert json.loads((written / "phantom.json").read_text())["hard_subgroup_images"] == 0
+    for name in ("train_study_level.csv", "train_image_level.csv"):  # labels and boxes stay
+        assert (planted / name).read_bytes() == (written / name).read_bytes()
+
+
+def test_hard_subgroup_source_has_its_own_folder_and_its_metadata_names_the_images(tmp_path):
+    options = dict(image_size=32, seed=0, cache_dir=tmp_path, studies=12, workers=1)
+    planted = phantom_siim_source(**options, hard_subgroup="ap_portable")
+    plain = phantom_siim_source(**options)
+    assert len(list((tmp_path / "phantom").iterdir())) == 2  # planted and unplanted never share files
+    hard = {}
+    for split in ("train", "val", "test"):
+        pairs = zip(planted.split(split), plain.split(split), strict=True)
+        for a, b in pairs:
+            assert a["image_id"] == b["image_id"] and a["meta"] == b["meta"]
+            ap_portable = (a["meta"]["view"], a["meta"]["portable"]) == ("AP", "yes")
+            hard[a["image_id"]] = ap_portable
+            assert ap_portable != bool((a["image"] == b["image"]).all())
+    assert any(hard.values()) and not all(hard.values())
+    subgroups = planted.describe()["subgroups"]
+    assert sum(subgroups[s]["portable"].get("yes", 0) for s in subgroups) == sum(hard.values())
+
+
+def test_hard_subgroup_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="hard_subgroup must be one of none, ap_portable"):
+        write_siim_phantom(tmp_path / "a", studies=3, size=32, hard_subgroup="pa")
+    with pytest.raises(ValueError, match="hard_subgroup_strength must be between 0 and 1"):
+        phantom_siim_source(image_size=32, cache_dir=tmp_path, studies=3, hard_subgroup="ap_portable",
+                            hard_subgroup_strength=1.5)
+    assert not list(tmp_path.iterdir())
+
+
 # -- command line ----------------------------------------------------------------------------------
 
 
@@ -297,6 +456,13 @@ def test_cli_writes_a_data_set(tmp_path, capsys):
     assert "3 studies" in capsys.readouterr().out
     _, rows = read_csv(out / "train_study_level.csv")
     assert len(rows) == 3 and len(list(out.glob("train/*/*/*.dcm"))) >= 3
+
+    args = parser.parse_args(["phantom", str(tmp_path / "hard"), "--studies", "3", "--size", "32",
+                              "--hard-subgroup", "ap_portable", "--hard-subgroup-strength", "0.8"])
+    assert args.handler(args) == 0
+    manifest = json.loads((tmp_path / "hard" / "phantom.json").read_text())
+    assert (manifest["hard_subgroup"], manifest["hard_subgroup_strength"]) == ("ap_portable", 0.8)
+    capsys.readouterr()
 
     args = parser.parse_args(["phantom", str(tmp_path / "bad"), "--studies", "3", "--difficulty", "2"])
     assert args.handler(args) == 2

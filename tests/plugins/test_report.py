@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from corex_study import write_report
-from corex_study.findings import READY_RECALL
+from corex_eval import READY_RECALL
 from sklearn.metrics import confusion_matrix
 
 import corex

@@ -27,6 +27,7 @@ from corex_cxr.cache import build_cache, decode_to_cache
 from corex_cxr.dicom import write_dicom
 from corex_cxr.errors import DataError
 from corex_cxr.images import read_image
+from corex_cxr.metadata import FIELDS
 from corex_cxr.siim import CLASS_COLUMNS, SiimSource
 
 BOX = (10.0, 8.0, 20.0, 12.0)  # x, y, width, height in the 64 x 48 originals
@@ -137,7 +138,7 @@ def test_describe_counts_and_patient_grouping(siim, tmp_path):
     patients = {s: {item["patient_id"] for item in data.split(s)} for s in ("train", "val", "test")}
     assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"])
     assert not patients["val"] & patients["test"]
-    assert data.class_names == ("negative", "typical", "indeterminate", "atypical")
+    assert data.class_names == ("negative", "typical", "indeterminate", "atypical") and data.multilabel is False
     assert data.normalization["range"] == [0.0, 1.0] and data.normalization["image_size"] == 32
 
 
@@ -158,6 +159,27 @@ def test_batches_collate_and_load_in_worker_processes(siim, tmp_path):
     batch = next(iter(DataLoader(train, batch_size=4, num_workers=2)))
     assert batch["image"].shape == (4, 1, 32, 32) and batch["label"].shape == (4,)
     assert batch["has_mask"].dtype == torch.bool and isinstance(batch["study_id"], list)
+    # meta collates into a dict of lists of str; single-class sources carry no multi-label target
+    assert set(batch["meta"]) == set(FIELDS) and batch["meta"]["modality"] == ["DX"] * 4
+    assert all(isinstance(value, str) for values in batch["meta"].values() for value in values)
+    assert "labels" not in batch
+
+
+def test_metadata_comes_from_the_headers_and_is_counted_per_split(siim, tmp_path):
+    root, expected = siim
+    headers = {"PatientSex": "F", "PatientAge": "072Y", "ViewPosition": "AP", "Manufacturer": "GE Healthcare ",
+               "SeriesDescription": "CHEST AP PORTABLE", "BodyPartExamined": "CHEST"}
+    path = root / "train" / "s3" / "series0" / "s3i0.dcm"
+    write_dicom(path, radiograph(99, False), bits_stored=12, patient_id="P3", headers=headers)
+    data = source(root, tmp_path, val_fraction=0.25, test_fraction=0.25)
+    items = {item["image_id"]: item for split in ("train", "val", "test") for item in data.split(split)}
+    assert items["s3i0"]["meta"] == {"sex": "F", "age_band": "60-79", "view": "AP", "manufacturer": "GE Healthcare",
+                                     "modality": "DX", "portable": "yes", "body_part": "CHEST"}
+    assert items["s0i0"]["meta"] == {**dict.fromkeys(FIELDS, ""), "modality": "DX"}  # write_dicom's headers
+    subgroups = data.describe()["subgroups"]
+    assert set(subgroups) == {"train", "val", "test"}
+    assert sum(subgroups[s]["sex"].get("F", 0) for s in subgroups) == 1
+    assert sum(sum(subgroups[s]["modality"].values()) for s in subgroups) == len(expected)
 
 
 # -- bad data --------------------------------------------------------------------------------------
@@ -314,13 +336,16 @@ def test_second_source_reuses_the_cache(siim, tmp_path):
 
 def test_registered_factories():
     factories = corex_cxr.corex_datasets()
-    assert factories == {"siim": corex_cxr.siim_source, "folder": corex_cxr.folder_source, "phantom": corex_cxr.phantom_source}
+    assert factories == {"siim": corex_cxr.siim_source, "folder": corex_cxr.folder_source, "phantom": corex_cxr.phantom_source,
+                         "nih_cxr14": corex_cxr.nih_source, "chexpert": corex_cxr.chexpert_source}
     assert corex_cxr.SiimSource is SiimSource  # the public name still resolves, lazily
 
 
 @pytest.mark.parametrize(("factory", "implementation"), [("siim_source", "corex_cxr.siim.SiimSource"),
                                                          ("folder_source", "corex_cxr.folder.FolderSource"),
-                                                         ("phantom_source", "corex_cxr.phantom.phantom_siim_source")])
+                                                         ("phantom_source", "corex_cxr.phantom.phantom_siim_source"),
+                                                         ("nih_source", "corex_cxr.nih.NihSource"),
+                                                         ("chexpert_source", "corex_cxr.chexpert.ChexpertSource")])
 def test_each_factory_mirrors_its_implementations_signature(factory, implementation):
     module, name = implementation.rsplit(".", 1)
     assert_mirrors(getattr(corex_cxr, factory), getattr(importlib.import_module(module), name))

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from corex_cxr.splits import assign_splits, check_split_options, label_subset, patient_stratum
+from corex_cxr.splits import assign_splits, check_split_options, label_subset, multilabel_strata, patient_stratum
 
 BALANCE = (0.28, 0.47, 0.17, 0.08)  # roughly the competition's class frequencies
 
@@ -96,3 +96,15 @@ def test_wrong_split_options_get_specific_errors(options, message):
 def test_wrong_label_fraction_is_refused():
     with pytest.raises(ValueError, match="label_fraction must be in"):
         label_subset({"a": 0}, 0.0)
+
+
+def test_multilabel_strata_are_the_rarest_positive_label():
+    studies = {
+        "a": (1.0, 0.0, 0.0),  # label 0: 3 positive studies, label 1: 2, label 2: 1
+        "b": (1.0, 1.0, 0.0),
+        "c": (1.0, 1.0, 1.0),
+        "d": (0.0, 0.0, 0.0),  # nothing positive: a stratum of its own (3)
+        "e": (-1.0, 0.0, -1.0),  # unknown is not positive
+    }
+    assert multilabel_strata(studies) == {"a": 0, "b": 1, "c": 2, "d": 3, "e": 3}
+    assert multilabel_strata({"x": (1.0, 1.0), "y": (1.0, 1.0)}) == {"x": 0, "y": 0}  # ties: lower index

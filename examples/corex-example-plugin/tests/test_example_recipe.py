@@ -68,3 +68,24 @@ def test_corex_run_trains_the_example_encoder_and_logs_csv(corex_cli, corex_plug
             assert row[key] == str(value), key
     with (out / "results.csv").open(newline="") as handle:
         assert [(r["stage"], r["kind"]) for r in csv.DictReader(handle)] == [("train", "train"), ("test", "evaluate")]
+
+    # The plugin's own metric declaration and finding reach the summary, the report and corex compare.
+    report = json.loads((out / "report.json").read_text())
+    mine = [f for f in report["findings"] if f["metric"] == "sens_at_spec90"]
+    assert len(mine) == 1 and f"{test['sens_at_spec90']:.2f}" in mine[0]["text"]
+    assert "Operating points at 90% specificity" in (out / "report.md").read_text()
+    code, table, err = corex_cli("compare", out)
+    assert code == 0, err
+    header = next(line for line in table.splitlines() if line.startswith("| arm"))
+    assert "sens_at_spec90" in header
+
+
+@pytest.mark.slow
+def test_the_summary_table_shows_the_plugins_headline_metric(corex_cli, tmp_path, one_thread):
+    out = tmp_path / "run"
+    code, table, err = corex_cli("--progress", "off", "run", RECIPE, "--out", out, "--set", f"data.cache_dir={tmp_path / 'cache'}",
+                                 "--set", "stages.train.epochs=1")
+    assert code == 0, err
+    row = next(line for line in table.splitlines() if line.strip().startswith("sens_at_spec90"))
+    value = json.loads((out / "results.json").read_text())["stages"]["test"]["metrics"]["sens_at_spec90"]
+    assert f"{value:.3f}" in row

@@ -5,7 +5,9 @@ Installed, it registers (through the ``corex`` entry point named ``example`` in 
 * encoder ``example_mobilenet``: a MobileNet-style pyramid of depthwise-separable convolutions,
   four levels at strides 2, 4, 8, 16 (:mod:`corex_example.encoder`);
 * evaluator ``example_sens_at_spec``: per-class sensitivity at a fixed specificity, one class
-  against the rest (:mod:`corex_example.evaluator`).
+  against the rest (:mod:`corex_example.evaluator`), with what its metric means and a finding about
+  it (:mod:`corex_example.report`): it appears in the run's summary, its report, ``corex compare``
+  and ``corex study`` like a built-in metric.
 
 The CSV logger (:mod:`corex_example.csv_logger`) is a separate plugin that is *not* an entry
 point, because an installed observer runs in every run of the environment; switch it on per run
@@ -61,4 +63,26 @@ def corex_evaluators():
     return {"example_sens_at_spec": example_sens_at_spec}
 
 
-__all__ = ["corex_encoders", "corex_evaluators", "example_mobilenet", "example_sens_at_spec"]
+@hookimpl
+def corex_metrics():
+    from corex_example.report import METRICS
+
+    return METRICS
+
+
+@hookimpl
+def corex_artefacts():
+    from corex_example.report import ARTEFACTS
+
+    return ARTEFACTS
+
+
+@hookimpl
+def corex_findings(run_dir, stage, result):
+    from corex_example.report import findings
+
+    return findings(run_dir, stage, result)
+
+
+__all__ = ["corex_artefacts", "corex_encoders", "corex_evaluators", "corex_findings", "corex_metrics", "example_mobilenet",
+           "example_sens_at_spec"]

@@ -1,6 +1,6 @@
-"""Findings: plain sentences computed from a run's numbers, each kept with the numbers it quotes.
+"""corex_eval's findings: plain sentences computed from its metrics and files, each kept with the numbers it quotes.
 
-A finding is ``{"text", "metric", "value", "source", "stage", "also"}``: ``metric`` and ``value``
+Each is a :class:`corex.metrics.Finding` (the ``corex_findings`` hook): ``metric`` and ``value``
 are the number the sentence is about and ``source`` where it comes from (``results.json``,
 ``per_class.csv`` or ``predictions.csv`` of the stage); ``also`` lists any further numbers the
 sentence quotes in the same form. Nothing here is written for one run: every sentence is a rule
@@ -17,7 +17,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from corex_study.runs import stage_folder
+from corex.metrics import Finding, stage_folder
 
 READY_RECALL = 0.8
 CONFUSION_SHOWN = 0.10  # confusions at least this common are stated
@@ -38,8 +38,9 @@ def percent(value: float) -> str:
     return f"{100 * value:.0f}%"
 
 
-def _finding(text: str, metric: str, value: float, source: str, stage: str, also: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {"text": text, "metric": metric, "value": float(value), "source": source, "stage": stage, "also": also or []}
+def _finding(text: str, metric: str, value: float, source: str, stage: str, also: list[dict[str, Any]] | None = None,
+             verdict: bool = False, note: str = "") -> Finding:
+    return Finding(text, metric, float(value), source, stage, tuple(also or ()), verdict=verdict, note=note)
 
 
 def confusion_shares(predictions: list[dict[str, str]]) -> dict[str, dict[str, tuple[int, int]]]:
@@ -51,7 +52,7 @@ def confusion_shares(predictions: list[dict[str, str]]) -> dict[str, dict[str, t
     return {true: {pred: (n, sum(row.values())) for pred, n in row.items()} for true, row in counts.items()}
 
 
-def stage_findings(run_dir: Path, stage: str, result: dict[str, Any]) -> list[dict[str, Any]]:
+def stage_findings(run_dir: Path, stage: str, result: dict[str, Any]) -> list[Finding]:
     """The findings of one evaluate stage, most important first."""
     metrics = {k: v for k, v in result.get("metrics", {}).items() if v is not None}
     intervals = result.get("intervals", {})
@@ -60,7 +61,7 @@ def stage_findings(run_dir: Path, stage: str, result: dict[str, Any]) -> list[di
     per_class = read_csv(folder / "per_class.csv")
     predictions = read_csv(folder / "predictions.csv")
     level = "studies" if predictions and "study_id" in predictions[0] else "images"
-    found: list[dict[str, Any]] = []
+    found: list[Finding] = []
 
     recalls = {row["class"]: float(row["recall"]) for row in per_class if row.get("recall") not in (None, "", "nan")}
     if recalls:
@@ -70,16 +71,16 @@ def stage_findings(run_dir: Path, stage: str, result: dict[str, Any]) -> list[di
         if not ready:
             text = (f"No class reaches {READY_RECALL:.2f} recall on the {split} split (the best, {best}, reaches "
                     f"{recalls[best]:.2f}): not ready to deploy.")
-            found.append(_finding(text, f"recall/{best}", recalls[best], "per_class.csv", stage))
+            found.append(_finding(text, f"recall/{best}", recalls[best], "per_class.csv", stage, verdict=True, note=RULE))
         elif len(ready) < len(recalls):
             verb = "reaches" if len(ready) == 1 else "reach"
             text = (f"{len(ready)} of {len(recalls)} classes {verb} {READY_RECALL:.2f} recall; {worst} falls short at "
                     f"{recalls[worst]:.2f}: not ready to deploy.")
-            found.append(_finding(text, f"recall/{worst}", recalls[worst], "per_class.csv", stage))
+            found.append(_finding(text, f"recall/{worst}", recalls[worst], "per_class.csv", stage, verdict=True, note=RULE))
         else:
             text = (f"Every class reaches {READY_RECALL:.2f} recall (the lowest, {worst}, {recalls[worst]:.2f}): the "
                     "model meets this report's rule, which is not a clinical validation.")
-            found.append(_finding(text, f"recall/{worst}", recalls[worst], "per_class.csv", stage))
+            found.append(_finding(text, f"recall/{worst}", recalls[worst], "per_class.csv", stage, verdict=True, note=RULE))
 
     if "macro_f1" in metrics:
         interval = intervals.get("macro_f1")
@@ -90,8 +91,9 @@ def stage_findings(run_dir: Path, stage: str, result: dict[str, Any]) -> list[di
         if interval:
             width = interval[1] - interval[0]
             found.append(_finding(
-                f"The 95% interval of macro-F1 is {width:.2f} wide: on a test set of this size, one run cannot tell "
-                "apart models closer than that.", "interval/macro_f1", width, "results.json", stage))
+                f"The 95% interval of macro-F1 is {width:.2f} wide: it says how well this one model's score is known "
+                "on a test set of this size. Two models scored on the same test studies are compared with a paired test "
+                "(corex compare), which resolves much smaller differences.", "interval/macro_f1", width, "results.json", stage))
 
     shares = confusion_shares(predictions)
     confusions = sorted(

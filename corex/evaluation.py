@@ -1,0 +1,198 @@
+"""Evaluation: a model's outputs streamed through a stage's evaluators, on one process or several.
+
+:func:`evaluate_split` is what an evaluate stage does, for ``corex run`` and ``corex evaluate``
+alike (calibration on the validation split first, then the scored split); :func:`evaluate_loader`
+is the loop under it, also used for validation during training; :func:`evaluate_model` is the
+Python API's entry point with evaluators named as in a recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from corex import distributed
+from corex.build import build_component
+from corex.errors import CorexError, RecipeError
+from corex.interfaces import Calibrated, HasIntervals, NeedsModel, SavesArtefacts
+from corex.loaders import RankShard, autocast_dtype, check_intensities, resolve_device, stage_loader, to_device
+from corex.model import CorexModel
+from corex.plugins import Registry
+from corex.progress import Progress, format_value
+from corex.schema import Component, Recipe, Stage
+
+
+def format_metric(name: str, value: Any) -> str:
+    """Counts as integers, everything else with four decimals."""
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and (name == "n" or name.startswith("n_") or name.endswith("/n"))):
+        return str(int(value))
+    return f"{value:.4f}" if isinstance(value, float) else format_value(value)
+
+
+def _outputs(model: CorexModel, loader: DataLoader, heads: list[str], device: torch.device, *, amp: torch.dtype | None,
+             channels_last: bool, where: str, desc: str | None) -> Iterator[tuple[dict[str, Any], dict[str, Tensor]]]:
+    """``(batch on the device, head outputs)`` for every batch of ``loader``, in eval mode."""
+    model.eval()
+    bar = Progress(len(loader), desc or "", unit="batch", mode=None if desc else "off")
+    with bar:
+        for index, batch in enumerate(loader):
+            if index == 0:
+                check_intensities(batch, where)
+            batch = to_device(batch, device, channels_last)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                outputs = model(batch["image"], heads)
+            yield batch, outputs
+            bar.update(1)
+
+
+def _to_cpu(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.cpu() if isinstance(v, Tensor) else v for k, v in values.items()}
+
+
+def _feed(evaluators: list[tuple[str, Any]], method: str, batch: dict[str, Any], outputs: Mapping[str, Tensor], model: CorexModel, heads: list[str]) -> None:
+    for path, evaluator in evaluators:
+        try:
+            if method == "update" and isinstance(evaluator, NeedsModel) and evaluator.needs_model:  # e.g. saliency: gradients through the model
+                evaluator.update(batch, outputs, model=model)
+            else:
+                getattr(evaluator, method)(batch, outputs)
+        except KeyError as exc:
+            raise CorexError(f"{path}: reads the output of head {exc}, but the model's heads are {', '.join(heads) or 'none'}") from exc
+
+
+def evaluate_split(model: CorexModel, source: Any, recipe: Recipe, stage: Stage, evaluators: list[tuple[str, Any]], device: torch.device, *,
+                   split: str | None = None, heads: list[str] | None = None, weights: Mapping[str, float] | None = None,
+                   artefacts: Path | None = None, desc: str | None = None, channels_last: bool | None = None):
+    """What an evaluate stage does (``corex run`` and ``corex evaluate`` alike): when an evaluator
+    calibrates (temperature scaling), first stream the validation split through it, never the split
+    it is scored on; then evaluate ``split`` (default: the stage's) with the stage's batch size and
+    precision. Under torch.distributed every rank predicts its share and rank 0 scores.
+    Returns ``(metrics, intervals)``."""
+    split = split or stage.split
+    heads = list(model.heads) if heads is None else heads
+    amp = autocast_dtype(stage, device)
+    channels_last = recipe.model.channels_last if channels_last is None else channels_last
+    where = f"stages.{stage.name}"
+    calibrated = [(path, e) for path, e in evaluators if isinstance(e, Calibrated)]
+    if calibrated and split != "val" and distributed.is_main():  # the scores are gathered on rank 0: so is calibration
+        loader = stage_loader(recipe, stage, source, "val", device, shuffle=False, label_fraction=recipe.val_fraction(stage))
+        feed_calibration(model, loader, heads, calibrated, device, amp=amp, channels_last=channels_last, where=where)
+    loader = stage_loader(recipe, stage, source, split, device, shuffle=False, rank=distributed.rank(), world=distributed.world_size())
+    return evaluate_loader(model, loader, heads, evaluators, device, weights=weights, amp=amp, channels_last=channels_last,
+                           artefacts=artefacts, where=where, desc=desc)
+
+
+@torch.no_grad()
+def feed_calibration(model: CorexModel, loader: DataLoader, heads: list[str], evaluators: list[tuple[str, Any]], device: torch.device, *,
+                     amp: torch.dtype | None = None, channels_last: bool = True, where: str = "calibration") -> None:
+    """Stream ``loader`` (the validation split) through every evaluator's ``calibration_update``."""
+    for batch, outputs in _outputs(model, loader, heads, device, amp=amp, channels_last=channels_last, where=where, desc=None):
+        _feed(evaluators, "calibration_update", batch, {k: v.detach().float() for k, v in outputs.items()}, model, heads)
+
+
+@torch.no_grad()
+def evaluate_loader(
+    model: CorexModel,
+    loader: DataLoader,
+    heads: list[str],
+    evaluators: list[tuple[str, Any]],
+    device: torch.device,
+    *,
+    weights: Mapping[str, float] | None = None,
+    amp: torch.dtype | None = None,
+    channels_last: bool = True,
+    artefacts: Path | None = None,
+    where: str = "evaluate",
+    desc: str | None = None,
+) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """Head losses plus every evaluator's metrics and intervals over ``loader``.
+
+    ``evaluators`` are ``(recipe path, evaluator)`` pairs; the path names the evaluator in errors.
+    The loss is weighted like the training loss, so the curves are comparable. ``desc`` names the
+    progress shown while it runs (none without it).
+    """
+    for _, evaluator in evaluators:
+        evaluator.reset()
+    loss_sums = {h: 0.0 for h in heads}
+    total = 0
+    # Under torch.distributed each rank predicts its share (RankShard) and rank 0 scores them all.
+    sharded = isinstance(getattr(loader, "sampler", None), RankShard)
+    records = []
+    for batch, outputs in _outputs(model, loader, heads, device, amp=amp, channels_last=channels_last, where=where, desc=desc):
+        n = batch["image"].shape[0]
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            for h in heads:
+                loss_sums[h] += model.heads[h].loss(outputs[h], batch).item() * n
+        total += n
+        outputs = {k: v.detach().float() for k, v in outputs.items()}
+        if sharded:
+            records.append((_to_cpu(batch), _to_cpu(outputs)))  # images too: evaluators may draw them or look inside the model
+        else:
+            _feed(evaluators, "update", batch, outputs, model, heads)
+    if sharded:
+        shares = distributed.gather_to_main((records, loss_sums, total))
+        if shares is None:
+            return {}, {}
+        loss_sums = {h: sum(share[1][h] for share in shares) for h in heads}
+        total = sum(share[2] for share in shares)
+        for share in shares:  # rank order is the split's order
+            for batch, outputs in share[0]:
+                batch = to_device(batch, device, channels_last)
+                _feed(evaluators, "update", batch, {k: v.to(device) for k, v in outputs.items()}, model, heads)
+    metrics: dict[str, float] = {}
+    intervals: dict[str, tuple[float, float]] = {}
+    if heads:
+        per_head = {h: s / max(total, 1) for h, s in loss_sums.items()}
+        metrics["loss"] = sum((weights or {}).get(h, 1.0) * v for h, v in per_head.items())
+        if len(heads) > 1:
+            metrics.update({f"loss/{h}": v for h, v in per_head.items()})
+    for path, evaluator in evaluators:
+        for key, value in evaluator.compute().items():
+            if key in metrics:
+                raise CorexError(f"{path}: metric '{key}' is also produced by another evaluator of this stage; give it another name")
+            metrics[key] = value if isinstance(value, int) and not isinstance(value, bool) else float(value)
+        if isinstance(evaluator, HasIntervals):
+            intervals.update(evaluator.intervals())
+        if artefacts is not None and isinstance(evaluator, SavesArtefacts):
+            artefacts.mkdir(parents=True, exist_ok=True)
+            evaluator.save(artefacts)
+    return metrics, intervals
+
+
+def evaluate_model(
+    model: CorexModel,
+    loader: DataLoader,
+    heads: list[str],
+    class_names: list[str],
+    evaluators: list[str | dict[str, Any]] | None = None,
+    *,
+    out: str | Path | None = None,
+    device: str = "auto",
+    registry: Registry | None = None,
+) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """The Python API's evaluation: registered evaluators by name (default: one per head)."""
+    from corex.binding import Problems
+    from corex.recipe import bind_component
+
+    registry = registry or Registry()
+    specs = evaluators if evaluators is not None else list(heads)
+    components, problems = [], Problems()
+    for i, spec in enumerate(specs):  # bound and type-checked exactly as a recipe's are
+        component = Component(spec) if isinstance(spec, str) else Component(spec["name"], {k: v for k, v in spec.items() if k != "name"})
+        if bind_component(registry, "evaluators", component, f"evaluators[{i}]", problems):
+            components.append((i, component))
+    if problems:
+        raise RecipeError(problems)
+    built = [(f"evaluators[{i}]", build_component(registry, "evaluators", component, f"evaluators[{i}]", class_names=list(class_names), split="test"))
+             for i, component in components]
+    target = resolve_device(device)
+    model.to(target)
+    return evaluate_loader(model, loader, heads, built, target, artefacts=Path(out) if out else None)
+
+
+__all__ = ["evaluate_loader", "evaluate_model", "evaluate_split", "feed_calibration", "format_metric"]

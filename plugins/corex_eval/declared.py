@@ -1,0 +1,86 @@
+"""What corex_eval's metrics and files mean, for the report, the summary table and ``corex compare``.
+
+Light: no torch at import (``corex --help`` and ``corex plugins`` read these); the functions that
+recompute a metric from predictions import their implementation when called.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from corex.metrics import Metric
+
+
+def _weighted(name: str):
+    """``name`` of :func:`corex_eval.classification.weighted_metrics` on numpy arrays."""
+
+    def score(probabilities: Any, labels: Any, weights: Any) -> Any:
+        import torch
+
+        from corex_eval.classification import weighted_metrics
+
+        return weighted_metrics(torch.as_tensor(probabilities), torch.as_tensor(labels), torch.as_tensor(weights))[name].numpy()
+
+    score.__name__ = f"weighted_{name}"
+    return score
+
+
+def _weighted_study_map(probabilities: Any, labels: Any, weights: Any) -> Any:
+    import torch
+
+    from corex_eval.average_precision import study_map
+
+    return study_map(torch.as_tensor(probabilities), torch.as_tensor(labels), torch.as_tensor(weights)).numpy()
+
+
+METRICS = (
+    # classification
+    Metric("macro_f1", "macro-F1", headline=True, recompute=_weighted("macro_f1"), predictions="predictions.csv",
+           description="F1 averaged over classes, each class counting equally"),
+    Metric("accuracy", "accuracy", headline=True, recompute=_weighted("accuracy"), predictions="predictions.csv", description="share of studies predicted right"),
+    Metric("balanced_accuracy", "balanced accuracy", headline=True, recompute=_weighted("balanced_accuracy"), predictions="predictions.csv",
+           description="recall averaged over the classes present"),
+    Metric("auroc", "macro AUROC", headline=True, recompute=_weighted("auroc"), predictions="predictions.csv", description="one-vs-rest AUROC averaged over classes"),
+    Metric("study_map", "study-level mAP", headline=True, recompute=_weighted_study_map, predictions="predictions.csv",
+           description="the SIIM-FISABIO-RSNA challenge's study score: mean over classes of the VOC 2010 AP"),
+    Metric("ece", "ECE", higher_is_better=False, headline=True, description="expected calibration error of the top-class confidence"),
+    Metric("ece/calibrated", "ECE after temperature scaling", higher_is_better=False, headline=True),
+    Metric("brier", "Brier score", higher_is_better=False, headline=True, bounds=(0.0, 2.0)),
+    Metric("brier/calibrated", "Brier score after temperature scaling", higher_is_better=False, bounds=(0.0, 2.0)),
+    Metric("temperature", "fitted temperature", higher_is_better=None, bounds=None),
+    Metric("n", "scored studies", higher_is_better=None, bounds=None),
+    Metric("f1/*", "F1 of a class"),
+    Metric("auroc/*", "AUROC of a class"),
+    Metric("ap/*", "average precision of a class"),
+    # segmentation
+    Metric("dice", "Dice", headline=True, description="mean Dice over annotated images; an empty mask predicted empty counts 1"),
+    Metric("dice/positive", "Dice on images with an opacity", headline=True),
+    Metric("iou", "IoU"),
+    Metric("iou/positive", "IoU on images with an opacity"),
+    Metric("fp_area/negative", "opacity area predicted on images without one", higher_is_better=False),
+    Metric("n_masks", "annotated images", higher_is_better=None, bounds=None),
+    Metric("n_masks/positive", "images with an opacity", higher_is_better=None, bounds=None),
+    # localization
+    Metric("pointing_game", "pointing game", headline=True, description="share of images whose saliency maximum lies in a box"),
+    Metric("saliency_in_mask", "saliency inside the boxes"),
+    Metric("mask_area", "box area (a uniform map's pointing-game hit rate)", higher_is_better=None),
+    Metric("n_localized", "images with boxes scored", higher_is_better=None, bounds=None),
+)
+
+# What each file an evaluator writes shows; {split} is the evaluate stage's split.
+ARTEFACTS = {
+    "confusion_matrix.png": "Confusion matrix on the {split} split: counts, and shares of each true class (rows; recall on the "
+                            "diagonal). Off-diagonal cells are the confusions a clinician would see.",
+    "roc.png": "ROC curves on the {split} split, one per class against the rest: how true-positive and false-positive rates "
+               "trade off as the decision threshold moves.",
+    "pr.png": "Precision-recall curves on the {split} split, one per class: how many flagged studies are right (precision) "
+              "against how many of the class are found (recall).",
+    "reliability.png": "Reliability diagram on the {split} split: accuracy per bin of top-class confidence against the "
+                       "diagonal of perfect calibration, with how many predictions fall in each bin.",
+    "segmentation_examples.png": "Segmentation gallery from the {split} split: the target opacity outline (green) and the "
+                                 "predicted one (red), with each image's Dice.",
+    "saliency_examples.png": "Saliency gallery from the {split} split: Grad-CAM of the true class (colour, blue low to red "
+                             "high) over the image, box outlines in green; a hit means the saliency maximum lies inside a box.",
+    "per_class.csv": "Per class on the {split} split: support, precision, recall, F1, AUROC and AP.",
+    "predictions.csv": "One row per scored study of the {split} split: its label, the predicted class and every class's probability.",
+}
