@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from corex import contract
 from corex.binding import accepted_injections
 from corex.errors import CorexError, RecipeError
+from corex.interfaces import LearnsFromTraining
 from corex.kinds import KINDS
-from corex.loaders import steps_per_epoch
+from corex.loaders import StagePlan, stage_plan, steps_per_epoch
 from corex.model import CorexModel
 from corex.plugins import Registry
 from corex.schema import Component, Recipe, Stage
@@ -65,7 +66,8 @@ def build_component(registry: Registry, kind: str, component: Component, path: s
 
 def objective_arguments(recipe: Recipe, stage: Stage, encoder: Any, dataset_size: int) -> dict[str, Any]:
     """What the core supplies to an objective's factory."""
-    total = steps_per_epoch(dataset_size, recipe.stage_batch_size(stage), stage.max_steps_per_epoch) * stage.epochs
+    per_epoch = steps_per_epoch(dataset_size, recipe.stage_batch_size(stage), stage.max_steps_per_epoch)
+    total = stage_plan(stage, per_epoch).total_steps
     return {"encoder": encoder, "channels": tuple(encoder.channels), "strides": tuple(encoder.strides),
             "batch_size": recipe.stage_batch_size(stage), "dataset_size": dataset_size, "total_steps": total}
 
@@ -87,7 +89,7 @@ def build_data(recipe: Recipe, registry: Registry | None = None, stage: Stage | 
         key = f"{path}.cache_dir" if data.cache_dir else "the default cache (set data.cache_dir or COREX_CACHE)"
         raise CorexError(f"{key}: cannot create '{cache_dir}': {exc.strerror or exc}") from exc
     return build_component(registry, "datasets", Component(data.name, data.options), path,
-                           image_size=data.image_size, seed=recipe.seed, cache_dir=cache_dir)
+                           image_size=data.image_size, seed=recipe.seed if data.seed is None else data.seed, cache_dir=cache_dir)
 
 
 def build_stage_data(recipe: Recipe, source: Any, registry: Registry) -> dict[str, Any]:
@@ -178,11 +180,14 @@ def build_optimizer(params: list[nn.Parameter], spec, registry: Registry | None 
                            weight_decay=spec.weight_decay, momentum=spec.momentum, betas=tuple(spec.betas))
 
 
-def build_schedule(optimizer: Any, spec, steps: int, epochs: int, registry: Registry | None = None, path: str = "schedule"):
-    """The recipe's learning-rate schedule from its registered factory, stepped every optimisation step."""
+def build_schedule(optimizer: Any, spec, plan: StagePlan, registry: Registry | None = None, path: str = "schedule"):
+    """The recipe's learning-rate schedule from its registered factory, stepped every optimisation
+    step; a warm-up in epochs is converted to steps with the stage's full epochs."""
     registry = registry or Registry()
+    warmup = spec.warmup_steps if spec.warmup_steps is not None else round(spec.warmup_epochs * plan.steps_per_epoch)
     return build_component(registry, "schedules", Component(spec.name, spec.options), path, optimizer=optimizer,
-                           steps_per_epoch=steps, epochs=epochs, warmup_epochs=spec.warmup_epochs, min_lr_ratio=spec.min_lr_ratio)
+                           total_steps=plan.total_steps, warmup_steps=warmup, steps_per_epoch=plan.steps_per_epoch, epochs=plan.epochs,
+                           min_lr_ratio=spec.min_lr_ratio)
 
 
 class _StandInEncoder(nn.Module):
@@ -234,7 +239,15 @@ def check_components(recipe: Recipe, source: Any, registry: Registry, stage_sour
         problems.extend(exc.problems)
     stage_sources = stage_sources or {}
     for stage in recipe.stages.values():
-        builders = [lambda: build_augment(stage, registry), lambda: build_evaluators(stage, class_names, registry)]
+        def check_evaluators(stage: Stage = stage) -> None:
+            evaluators = build_evaluators(stage, class_names, registry)
+            if stage.kind == "train":  # validation does not show them the training split
+                learners = [f"{path}: evaluator '{stage.evaluators[i].name}' learns from the training split, so it runs only in an "
+                            "evaluate stage (add one after this stage)" for i, (path, e) in enumerate(evaluators) if isinstance(e, LearnsFromTraining)]
+                if learners:
+                    raise RecipeError(learners)
+
+        builders = [lambda: build_augment(stage, registry), check_evaluators]
         if stage.objective is not None:
             def check_objective(stage: Stage = stage) -> None:
                 train_size = len(stage_sources.get(stage.name, source).split("train"))

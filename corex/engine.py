@@ -27,12 +27,13 @@ from corex.errors import CorexError
 from corex.evaluation import evaluate_split, format_metric
 from corex.interfaces import Preparable
 from corex.lifecycle import API_FLAGS, CLI_FLAGS, RunDirectory
-from corex.loaders import resolve_device, steps_per_epoch
+from corex.loaders import resolve_device, stage_plan, steps_per_epoch
 from corex.plugins import Registry, get_plugin_manager
 from corex.progress import log
 from corex.schema import Recipe, Stage
 from corex.seeding import seed_everything, tune_allocator
 from corex.session import Session
+from corex.tracking import attached_loggers
 from corex.training import train_stage
 
 
@@ -93,6 +94,11 @@ class Runner:
         self._place_model(session)
         distributed.main_first(lambda: write_data_report(session))
         announce_stages(session)
+        with attached_loggers(session, resumed=self.directory.status != "new"):
+            return self._stages(session, results)
+
+    def _stages(self, session: Session, results: dict[str, Any]) -> dict[str, Any]:
+        recipe = self.recipe
         if session.main:
             session.hook.corex_run_start(run=session.context)
         done = results["stages"]
@@ -169,14 +175,16 @@ def announce_stages(session: Session) -> None:
             continue
         fraction = 1.0 if stage.kind == "pretrain" else recipe.stage_data(stage).label_fraction
         images = len(session.source_of(stage).split("train", label_fraction=fraction))
-        steps = steps_per_epoch(images, recipe.stage_batch_size(stage), stage.max_steps_per_epoch)
-        session.eta.planned[stage.name] = steps * stage.epochs
+        plan = stage_plan(stage, steps_per_epoch(images, recipe.stage_batch_size(stage), stage.max_steps_per_epoch))
+        session.eta.planned[stage.name] = plan.total_steps
         what = stage.objective.name if stage.objective is not None else " + ".join(stage.heads)
         extra = f", {fraction:.0%} of the labels" if fraction < 1 else ""
         if stage.data is not None:
             extra += f", on data '{stage.data.name}'"
-        log(f"  {stage.name:12s} {stage.kind:9s} {what}: {stage.epochs} epochs x {steps} steps, "
-            f"global batch {recipe.stage_batch_size(stage)}{extra}")
+        length = f"{plan.epochs} epochs x {plan.steps_per_epoch} steps"
+        if plan.total_steps != plan.epochs * plan.steps_per_epoch:
+            length += f", {plan.total_steps} steps in all (stages.{stage.name}.steps)"
+        log(f"  {stage.name:12s} {stage.kind:9s} {what}: {length}, global batch {recipe.stage_batch_size(stage)}{extra}")
 
 
 def write_data_report(session: Session) -> None:

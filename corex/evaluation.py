@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from corex import distributed
 from corex.build import build_component
 from corex.errors import CorexError, RecipeError
-from corex.interfaces import Calibrated, HasIntervals, NeedsModel, SavesArtefacts
+from corex.interfaces import Calibrated, HasIntervals, LearnsFromTraining, NeedsModel, SavesArtefacts
 from corex.loaders import RankShard, autocast_dtype, check_intensities, resolve_device, stage_loader, to_device
 from corex.model import CorexModel
 from corex.plugins import Registry
@@ -57,8 +57,8 @@ def _to_cpu(values: Mapping[str, Any]) -> dict[str, Any]:
 def _feed(evaluators: list[tuple[str, Any]], method: str, batch: dict[str, Any], outputs: Mapping[str, Tensor], model: CorexModel, heads: list[str]) -> None:
     for path, evaluator in evaluators:
         try:
-            if method == "update" and isinstance(evaluator, NeedsModel) and evaluator.needs_model:  # e.g. saliency: gradients through the model
-                evaluator.update(batch, outputs, model=model)
+            if method != "calibration_update" and isinstance(evaluator, NeedsModel) and evaluator.needs_model:  # saliency, features
+                getattr(evaluator, method)(batch, outputs, model=model)
             else:
                 getattr(evaluator, method)(batch, outputs)
         except KeyError as exc:
@@ -78,21 +78,26 @@ def evaluate_split(model: CorexModel, source: Any, recipe: Recipe, stage: Stage,
     amp = autocast_dtype(stage, device)
     channels_last = recipe.model.channels_last if channels_last is None else channels_last
     where = f"stages.{stage.name}"
+    learners = [(path, e) for path, e in evaluators if isinstance(e, LearnsFromTraining)]
+    if learners and distributed.is_main():  # the scores are gathered on rank 0: so is what they learn from
+        loader = stage_loader(recipe, stage, source, "train", device, shuffle=False, label_fraction=recipe.stage_data(stage).label_fraction)
+        feed(model, loader, heads, learners, "training_update", device, amp=amp, channels_last=channels_last, where=where)
     calibrated = [(path, e) for path, e in evaluators if isinstance(e, Calibrated)]
-    if calibrated and split != "val" and distributed.is_main():  # the scores are gathered on rank 0: so is calibration
+    if calibrated and split != "val" and distributed.is_main():
         loader = stage_loader(recipe, stage, source, "val", device, shuffle=False, label_fraction=recipe.val_fraction(stage))
-        feed_calibration(model, loader, heads, calibrated, device, amp=amp, channels_last=channels_last, where=where)
+        feed(model, loader, heads, calibrated, "calibration_update", device, amp=amp, channels_last=channels_last, where=where)
     loader = stage_loader(recipe, stage, source, split, device, shuffle=False, rank=distributed.rank(), world=distributed.world_size())
     return evaluate_loader(model, loader, heads, evaluators, device, weights=weights, amp=amp, channels_last=channels_last,
                            artefacts=artefacts, where=where, desc=desc)
 
 
 @torch.no_grad()
-def feed_calibration(model: CorexModel, loader: DataLoader, heads: list[str], evaluators: list[tuple[str, Any]], device: torch.device, *,
-                     amp: torch.dtype | None = None, channels_last: bool = True, where: str = "calibration") -> None:
-    """Stream ``loader`` (the validation split) through every evaluator's ``calibration_update``."""
+def feed(model: CorexModel, loader: DataLoader, heads: list[str], evaluators: list[tuple[str, Any]], method: str, device: torch.device, *,
+         amp: torch.dtype | None = None, channels_last: bool = True, where: str = "evaluate") -> None:
+    """Stream ``loader`` through every evaluator's ``method`` (``training_update`` with the training
+    split, ``calibration_update`` with the validation split) before the scored split."""
     for batch, outputs in _outputs(model, loader, heads, device, amp=amp, channels_last=channels_last, where=where, desc=None):
-        _feed(evaluators, "calibration_update", batch, {k: v.detach().float() for k, v in outputs.items()}, model, heads)
+        _feed(evaluators, method, batch, {k: v.detach().float() for k, v in outputs.items()}, model, heads)
 
 
 @torch.no_grad()
@@ -195,4 +200,4 @@ def evaluate_model(
     return evaluate_loader(model, loader, heads, built, target, artefacts=Path(out) if out else None)
 
 
-__all__ = ["evaluate_loader", "evaluate_model", "evaluate_split", "feed_calibration", "format_metric"]
+__all__ = ["evaluate_loader", "evaluate_model", "evaluate_split", "feed", "format_metric"]

@@ -194,10 +194,50 @@ class Calibrated(Protocol):
 
 
 @runtime_checkable
+class LearnsFromTraining(Protocol):
+    """An evaluator that learns from the training split before it evaluates (a kNN classifier's reference
+    features, a prior fitted on the training boxes, an out-of-distribution detector): in an evaluate
+    stage the engine streams the stage's training split (its ``label_fraction``) through
+    ``training_update`` first, then the validation split through ``calibration_update`` if it has one,
+    then the scored split through ``update``. With ``needs_model`` it is called with ``model=`` as well."""
+
+    def training_update(self, batch: Batch, outputs: Mapping[str, Tensor]) -> None: ...
+
+
+@runtime_checkable
 class Preparable(Protocol):
     """A data source that can build its caches ahead of time (``corex data prepare``)."""
 
     def prepare(self) -> None: ...
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """An experiment tracker (TensorBoard, MLflow ...), fed by the engine on rank 0 only.
+
+    ``start(params, resumed)`` is called once the run directory is decided, with the resolved recipe
+    flattened to ``{"stages.train.epochs": 10, ...}`` (``resumed`` when a run continues);
+    ``log_metrics(stage, step, metrics)`` with each epoch's metrics.jsonl row (numbers only), ``step``
+    counting optimisation steps over all stages; ``log_results(stage, result)`` with each finished
+    stage's results.json entry (metrics and intervals); ``log_artifact(path)`` with the files worth
+    keeping once the run ends (report.html, results.json); ``close()`` at the end, also after a failure.
+    ``state_dict()`` is saved in the run directory (``loggers.json``) after ``start`` and given back to
+    ``load_state_dict`` before ``start`` when the run resumes, so a tracker continues the same run.
+    """
+
+    def start(self, params: Mapping[str, Any], resumed: bool) -> None: ...
+
+    def log_metrics(self, stage: str, step: int, metrics: Mapping[str, float]) -> None: ...
+
+    def log_results(self, stage: str, result: Mapping[str, Any]) -> None: ...
+
+    def log_artifact(self, path: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 @runtime_checkable
@@ -234,10 +274,11 @@ ObjectiveFactory = Callable[..., Objective]
 EvaluatorFactory = Callable[..., Evaluator]
 AugmentationFactory = Callable[..., Augmentation]
 DataSourceFactory = Callable[..., DataSource]
+LoggerFactory = Callable[..., Logger]
 OptimizerFactory = Callable[..., Optimizer]
 ScheduleFactory = Callable[..., Schedule]
 
 __all__ = ["Augmentation", "AugmentationFactory", "Batch", "Calibrated", "DataSource", "DataSourceFactory", "Encoder",
            "EncoderFactory", "EpochEndHook", "Evaluator", "EvaluatorFactory", "HasIntervals", "Head", "HeadFactory",
-           "NeedsModel", "Objective", "ObjectiveFactory", "Optimizer", "OptimizerFactory", "Preparable", "SavesArtefacts",
+           "LearnsFromTraining", "Logger", "LoggerFactory", "NeedsModel", "Objective", "ObjectiveFactory", "Optimizer", "OptimizerFactory", "Preparable", "SavesArtefacts",
            "Schedule", "ScheduleFactory"]

@@ -37,6 +37,7 @@ class Kind:
     summary: str  # what a factory of this kind builds, for the hook's docstring and the docs
     module: bool = False  # an nn.Module that the engine moves to the device, trains and saves
     block: bool = False  # named by a `name:` key inside a block of the core's own keys (data, optimizer)
+    run_level: bool = False  # a top-level list of the recipe named after the kind (loggers: [...])
     locate: Callable[[Any], Iterator[tuple[str, Any]]] = attrs.field(default=lambda recipe: iter(()), repr=False, eq=False)
 
     @property
@@ -106,6 +107,15 @@ def _blocks(attribute: str) -> Callable[[Any], Iterator[tuple[str, Any]]]:
     return locate
 
 
+def _run_list(name: str) -> Callable[[Any], Iterator[tuple[str, Any]]]:
+    """A top-level list of the recipe named after its kind (``loggers: [tensorboard, mlflow]``)."""
+
+    def locate(recipe: Any) -> Iterator[tuple[str, Any]]:
+        yield from ((f"{name}[{i}]", component) for i, component in enumerate(recipe.components.get(name, [])))
+
+    return locate
+
+
 def _encoder(recipe: Any) -> Iterator[tuple[str, Any]]:
     if recipe.model.encoder is not None:
         yield "model.encoder", recipe.model.encoder
@@ -129,17 +139,25 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind("augmentations", interfaces.Augmentation, ("stages.S.augment",), {},
          "a batch augmentation on the device, image and mask together", locate=_stage_components("augment")),
     Kind("datasets", interfaces.DataSource, ("data", "stages.S.data"),
-         {"image_size": "data.image_size", "seed": "the recipe's seed", "cache_dir": "data.cache_dir or the default cache"},
+         {"image_size": "data.image_size", "seed": "data.seed, else the recipe's seed", "cache_dir": "data.cache_dir or the default cache"},
          "a data source with its splits", block=True, locate=_blocks("data")),
     Kind("optimizers", interfaces.Optimizer, ("optimizer", "stages.S.optimizer"),
          {"param_groups": "weights with weight decay, biases and norms without", "lr": "optimizer.lr",
           "weight_decay": "optimizer.weight_decay", "momentum": "optimizer.momentum", "betas": "optimizer.betas"},
          "a torch.optim.Optimizer", block=True, locate=_blocks("optimizer")),
     Kind("schedules", interfaces.Schedule, ("schedule", "stages.S.schedule"),
-         {"optimizer": "the stage's optimizer", "steps_per_epoch": "optimisation steps per epoch", "epochs": "the stage's epochs",
-          "warmup_epochs": "schedule.warmup_epochs", "min_lr_ratio": "schedule.min_lr_ratio"},
+         {"optimizer": "the stage's optimizer", "total_steps": "optimisation steps the stage will take",
+          "warmup_steps": "schedule.warmup_steps, else warmup_epochs x steps_per_epoch", "steps_per_epoch": "optimisation steps of a full epoch",
+          "epochs": "the stage's epochs", "min_lr_ratio": "schedule.min_lr_ratio"},
          "a learning-rate schedule stepped after every optimisation step", block=True, locate=_blocks("schedule")),
+    Kind("loggers", interfaces.Logger, ("loggers[i]",), {"run_dir": "the run directory"},
+         "an experiment tracker fed on rank 0", run_level=True, locate=_run_list("loggers")),
 )}
+
+
+def run_level() -> list[Kind]:
+    """The kinds a recipe lists at its top level, each under its own name."""
+    return [kind for kind in KINDS.values() if kind.run_level]
 
 
 def get(name: str) -> Kind:
@@ -169,4 +187,4 @@ def hooks_table() -> str:
     return "\n".join(rows)
 
 
-__all__ = ["KINDS", "Kind", "get", "hook_doc", "hooks_table", "protocol_members"]
+__all__ = ["KINDS", "Kind", "get", "hook_doc", "hooks_table", "protocol_members", "run_level"]

@@ -197,8 +197,9 @@ class RunDirectory:
             log(f"corex: resuming '{self.out}' at the start of stage '{stage}'" + (f" (finished: {', '.join(done)})" if done else ""))
             return
         epoch, step = where
-        total = self.recipe.stages[stage].epochs
-        at = f"in epoch {epoch + 1} of {total} after step {step}" if step else f"after epoch {epoch} of {total}"
+        spec = self.recipe.stages[stage]
+        total = f"of {spec.epochs}" if spec.steps is None else f"(a budget of {spec.steps} steps)"
+        at = f"in epoch {epoch + 1} {total} after step {step}" if step else f"after epoch {epoch} {total}"
         log(f"corex: resuming '{self.out}' at stage '{stage}' {at}")
 
     @staticmethod

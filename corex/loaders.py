@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import attrs
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -100,6 +101,26 @@ def steps_per_epoch(images: int, batch: int, cap: int | None = None) -> int:
     return steps if cap is None else min(steps, cap)
 
 
+@attrs.frozen
+class StagePlan:
+    """How long a training stage runs: its epochs, the optimisation steps of a full epoch, and in all."""
+
+    epochs: int
+    steps_per_epoch: int
+    total_steps: int
+
+    def steps_in(self, epoch: int) -> int:
+        """Optimisation steps of ``epoch`` (from 1): a full epoch, or what is left of a step budget."""
+        return max(0, min(self.steps_per_epoch, self.total_steps - (epoch - 1) * self.steps_per_epoch))
+
+
+def stage_plan(stage: Stage, per_epoch: int) -> StagePlan:
+    """``stage.epochs`` full epochs of ``per_epoch`` steps, or, with a ``steps`` budget, exactly that many steps."""
+    if stage.steps is None:
+        return StagePlan(stage.epochs, per_epoch, per_epoch * stage.epochs)
+    return StagePlan(-(-stage.steps // per_epoch), per_epoch, stage.steps)
+
+
 def stage_loader(recipe: Recipe, stage: Stage, source: Any, split: str, device: torch.device, *, shuffle: bool,
                  label_fraction: float = 1.0, epoch: int = 0, start_batch: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
     """The loader of ``split`` for ``stage``: its data, batch size, workers and seed. Training
@@ -163,5 +184,5 @@ def autocast_dtype(stage: Stage, device: torch.device) -> torch.dtype | None:
     return None  # CPU autocast is slower than float32 on most CPUs
 
 
-__all__ = ["EpochOrder", "INTENSITY_SLACK", "RankShard", "autocast_dtype", "check_intensities", "make_loader", "resolve_device",
+__all__ = ["EpochOrder", "INTENSITY_SLACK", "RankShard", "StagePlan", "autocast_dtype", "stage_plan", "check_intensities", "make_loader", "resolve_device",
            "stage_loader", "steps_per_epoch", "to_device"]

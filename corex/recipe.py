@@ -19,7 +19,7 @@ import yaml
 
 from corex.binding import Problems, bind_options, check_value
 from corex.errors import RecipeError, did_you_mean
-from corex.kinds import KINDS
+from corex.kinds import KINDS, run_level
 from corex.plugins import Registry
 from corex.schema import (SAFE_LOADER, Component, Data, Head, Limits, Model, Optimizer, Recipe, Schedule, Select, Stage, StageKind)
 
@@ -190,6 +190,9 @@ def _structure(cls: type, data: Any, path: str, problems: Problems) -> Any:
         core = {k for k in fields if k != "options"}
         options = {k: data.pop(k) for k in list(data) if k not in core}
         data["options"] = options
+    if cls is Recipe:  # the top-level component lists each kind declares (corex.kinds)
+        lists = {kind.name: data.pop(kind.name) for kind in run_level() if kind.name in data}
+        data["components"] = {name: _field_value(list[Component], value, name, problems) for name, value in lists.items()}
     if cls is Recipe and isinstance(data.get("stages"), Mapping):
         data["stages"] = {
             name: ({**spec, "name": name} if isinstance(spec, Mapping) else spec)
@@ -198,8 +201,12 @@ def _structure(cls: type, data: Any, path: str, problems: Problems) -> Any:
     kwargs = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
+        if cls is Recipe and key == "components":  # read above, under each kind's own key
+            kwargs[key] = value
+            continue
         if key not in fields:
-            known = [k for k in fields if k != "options" and not (cls is Stage and k == "name")]
+            known = [k for k in fields if k not in ("options", "components") and not (cls is Stage and k == "name")]
+            known += [kind.name for kind in run_level()] if cls is Recipe else []
             problems.add(where, f"unknown key{did_you_mean(key, known) or '.'} Known keys: {', '.join(known)}")
             continue
         before = len(problems)

@@ -22,7 +22,7 @@ import yaml
 from corex.errors import did_you_mean
 
 StageKind = Literal["train", "pretrain", "evaluate"]
-_TRAINING_KEYS = ("kind", "data", "epochs", "batch_size", "optimizer", "schedule", "augment", "encoder_from", "grad_clip", "amp",
+_TRAINING_KEYS = ("kind", "data", "epochs", "steps", "batch_size", "optimizer", "schedule", "augment", "encoder_from", "grad_clip", "amp",
                   "max_steps_per_epoch", "checkpoint_every")
 # The stage keys that mean something for each kind of stage (the resolved recipe shows only these).
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
@@ -136,6 +136,9 @@ class Data:
     # on a fully labelled validation split would use labels the study pretends not to have.
     reduce_val: bool = False
     cache_dir: Path | None = None
+    # The data seed (a synthetic data set, the split, the label subset); None: the recipe's seed. With
+    # it the study separates variation between data draws from variation between trainings.
+    seed: int | None = checked(None, Limits(low=0, high=2**63 - 1))
     options: dict[str, Any] = attrs.field(factory=dict)
 
 
@@ -167,6 +170,8 @@ class Schedule:
 
     name: str = "cosine"
     warmup_epochs: float = checked(0.0, NON_NEGATIVE)
+    # Warm-up in optimisation steps; overrides warmup_epochs (equal warm-ups at any label fraction).
+    warmup_steps: int | None = checked(None, NON_NEGATIVE)
     min_lr_ratio: float = checked(0.0, FRACTION)
     options: dict[str, Any] = attrs.field(factory=dict)
 
@@ -188,6 +193,9 @@ class Stage:
     name: str
     kind: StageKind
     epochs: int = checked(1, Limits(low=1, high=MAX_EPOCHS, high_why=f"more than {MAX_EPOCHS:,} epochs is surely a typo"))
+    # A budget of optimisation steps instead of epochs: the stage runs ceil(steps / steps per epoch)
+    # epochs, the last one cut short, so exactly this many steps are taken (None: epochs decide).
+    steps: int | None = checked(None, Limits(low=1, high=10**9, high_why="a billion steps is surely a typo"))
     batch_size: int | None = checked(None, BATCH_SIZES)  # None: data.batch_size
     optimizer: Optimizer | None = None
     schedule: Schedule | None = None
@@ -224,6 +232,8 @@ class Recipe:
     output: Path | None = None
     optimizer: Optimizer = attrs.field(factory=Optimizer)
     schedule: Schedule = attrs.field(factory=Schedule)
+    # The top-level component lists, by kind (corex.kinds.run_level): {"loggers": [...]}.
+    components: dict[str, list[Component]] = attrs.field(factory=dict)
     source: str | None = attrs.field(default=None, eq=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,6 +297,9 @@ def _unstructure(obj: Any) -> Any:
         return {**out, **_unstructure(obj.options)}
     if isinstance(obj, Stage):
         return {f.name: _unstructure(getattr(obj, f.name)) for f in attrs.fields(Stage) if f.name != "name"}
+    if isinstance(obj, Recipe):
+        out = {f.name: _unstructure(getattr(obj, f.name)) for f in attrs.fields(Recipe) if f.name not in ("source", "components")}
+        return {**out, **{kind: _unstructure(items) for kind, items in obj.components.items() if items}}
     if attrs.has(type(obj)):
         return {f.name: _unstructure(getattr(obj, f.name)) for f in attrs.fields(type(obj)) if f.name != "source"}
     if isinstance(obj, Mapping):

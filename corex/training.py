@@ -25,7 +25,7 @@ from corex.build import build_augment, build_evaluators, build_objective, build_
 from corex.errors import CorexError, RecipeError, RunFailure
 from corex.evaluation import evaluate_loader
 from corex.interfaces import EpochEndHook
-from corex.loaders import autocast_dtype, check_intensities, to_device
+from corex.loaders import StagePlan, autocast_dtype, check_intensities, stage_plan, to_device
 from corex.progress import Progress, log
 from corex.rundir import fault_point
 from corex.schema import Stage
@@ -49,7 +49,7 @@ class _Loop:
     scaler: Any
     dtype: torch.dtype | None
     params: list[nn.Parameter]
-    steps: int
+    plan: StagePlan
     evaluators: list[tuple[str, Any]]
     val_loader: DataLoader | None
     train_loader: DataLoader
@@ -67,12 +67,12 @@ def train_stage(session: Session, stage: Stage) -> dict[str, Any]:
     if session.resume and (ckpt_dir / "last.pt").exists():
         best, last_epoch, resume_at = _restore(session, loop, ckpt_dir / "last.pt")
         start_epoch, loop.best = last_epoch + 1, best
-        session.eta.steps_done += min(last_epoch, stage.epochs) * loop.steps + (resume_at["step"] if resume_at else 0)
+        session.eta.steps_done += sum(loop.plan.steps_in(e) for e in range(1, last_epoch + 1)) + (resume_at["step"] if resume_at else 0)
     elif session.resume:
         session.metrics.truncate(session.results["stages"], stage.name, 0)
 
     fixed_batch = None
-    for epoch in range(start_epoch, stage.epochs + 1):
+    for epoch in range(start_epoch, loop.plan.epochs + 1):
         row, fixed_batch = _train_epoch(session, loop, epoch, fixed_batch, resume_at if epoch == start_epoch else None)
         if loop.val_loader is not None:  # every rank predicts its share, rank 0 scores and decides; the others learn the outcome
             best = loop.best = distributed.broadcast(_validate(session, loop, epoch, row, best, ckpt_dir))
@@ -82,7 +82,7 @@ def train_stage(session: Session, stage: Stage) -> dict[str, Any]:
             with torch.no_grad():
                 loop.objective.on_epoch_end(epoch=epoch, batch=fixed_batch, out_dir=session.out / stage.name)
         _checkpoint(session, loop, epoch, row, best, ckpt_dir / "last.pt")
-        log(_epoch_line(stage, epoch, row, stage.select.metric) + f"  {session.eta()}")
+        log(_epoch_line(stage, epoch, loop.plan.epochs, row, stage.select.metric) + f"  {session.eta()}")
         if session.main:
             session.hook.corex_epoch_end(run=session.context, stage=stage.name, epoch=epoch, metrics=row)
     return _finish(session, loop, best, ckpt_dir)
@@ -107,8 +107,8 @@ def _prepare(session: Session, stage: Stage) -> _Loop:
         raise CorexError(f"stages.{stage.name}: nothing to train (the encoder is frozen and there are no heads)")
     own = stage.optimizer is not None
     optimizer = build_optimizer(params, recipe.stage_optimizer(stage), session.registry, f"stages.{stage.name}.optimizer" if own else "optimizer")
-    steps = len(train_loader) if stage.max_steps_per_epoch is None else min(len(train_loader), stage.max_steps_per_epoch)
-    schedule = build_schedule(optimizer, recipe.stage_schedule(stage), steps, stage.epochs, session.registry,
+    plan = stage_plan(stage, len(train_loader) if stage.max_steps_per_epoch is None else min(len(train_loader), stage.max_steps_per_epoch))
+    schedule = build_schedule(optimizer, recipe.stage_schedule(stage), plan, session.registry,
                               f"stages.{stage.name}.schedule" if stage.schedule is not None else "schedule")
     dtype = autocast_dtype(stage, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
@@ -118,7 +118,7 @@ def _prepare(session: Session, stage: Stage) -> _Loop:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(stage.ema), use_buffers=True)
-    loop = _Loop(stage, heads, augment, objective, optimizer, schedule, scaler, dtype, params, steps, evaluators, val_loader,
+    loop = _Loop(stage, heads, augment, objective, optimizer, schedule, scaler, dtype, params, plan, evaluators, val_loader,
                  train_loader, ema=ema)
     if session.world > 1:  # gradients averaged over the ranks; rank 0's weights and buffers to start
         from torch.nn.parallel import DistributedDataParallel
@@ -150,7 +150,9 @@ def _finish(session: Session, loop: _Loop, best: dict[str, Any], ckpt_dir: Path)
     distributed.barrier()
     last_row = next((r for r in reversed(session.metrics.rows()) if r.get("stage") == stage.name), {})
     # From the metrics row, so that a resume after the last epoch still reports the real speed.
-    result: dict[str, Any] = {"kind": stage.kind, "epochs": stage.epochs, "images_per_s": round(float(last_row.get("images_per_s", 0.0)), 2)}
+    rows = [r for r in session.metrics.rows() if r.get("stage") == stage.name]
+    result: dict[str, Any] = {"kind": stage.kind, "epochs": loop.plan.epochs, "steps": int(sum(r.get("steps", 0) for r in rows)),
+                              "images_per_s": round(float(last_row.get("images_per_s", 0.0)), 2)}
     if loop.objective is not None:
         result["metrics"] = {k[len("train/"):]: v for k, v in last_row.items() if k.startswith("train/")}
     else:
@@ -207,6 +209,7 @@ def _train_epoch(session: Session, loop: _Loop, epoch: int, fixed_batch: dict | 
     running sums so far, so the epoch's row equals an uninterrupted one."""
     stage, model, device, recipe = loop.stage, session.model, session.device, session.recipe
     first = int(resume_at["step"]) if resume_at else 0
+    steps = loop.plan.steps_in(epoch)
     train_loader = loop.train_loader
     train_loader.sampler.set_epoch(stage_seed(recipe.seed, stage.name, epoch), first * recipe.stage_batch_size(stage))
     model.train()
@@ -217,11 +220,11 @@ def _train_epoch(session: Session, loop: _Loop, epoch: int, fixed_batch: dict | 
     sums: dict[str, Tensor] = {k: torch.tensor(v, device=device) for k, v in (resume_at or {}).get("sums", {}).items()}
     seen = int((resume_at or {}).get("seen", 0))
     started = time.perf_counter() - float((resume_at or {}).get("elapsed", 0.0))
-    bar = Progress(loop.steps, f"[{stage.name}] epoch {epoch}/{stage.epochs}", note=session.eta,
+    bar = Progress(steps, f"[{stage.name}] epoch {epoch}/{loop.plan.epochs}", note=session.eta,
                    mode="off" if session.quiet or not session.main else None)
     bar.done = first
     for step, batch in enumerate(train_loader, start=first):
-        if step >= loop.steps:
+        if step >= steps:
             break
         if not loop.checked:
             check_intensities(batch, f"stages.{stage.name}: data '{recipe.stage_data(stage).name}', split 'train'")
@@ -250,13 +253,13 @@ def _train_epoch(session: Session, loop: _Loop, epoch: int, fixed_batch: dict | 
             sums[key] = sums.get(key, 0.0) + value * n
         session.eta.steps_done += 1
         session.eta.seconds += time.perf_counter() - step_started
-        if (step + 1) % SYNC_EVERY == 0 or step + 1 == loop.steps:
+        if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
             running = float(sums["train/loss"]) / seen
             if not math.isfinite(running):
                 raise RunFailure(f"stages.{stage.name}: the loss became {running} by epoch {epoch}, step {step + 1}; lower the learning rate or check the data")
             bar.set_values(loss=running, img_s=seen / (time.perf_counter() - started))
         bar.update(1)
-        if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < loop.steps:
+        if stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0 and step + 1 < steps:
             within = {"step": step + 1, "seen": seen, "elapsed": time.perf_counter() - started,
                       "sums": {k: float(v) for k, v in sums.items()}}
             _checkpoint(session, loop, epoch - 1, None, loop.best, session.out / "checkpoints" / stage.name / "last.pt", within=within)
@@ -274,6 +277,7 @@ def _train_epoch(session: Session, loop: _Loop, epoch: int, fixed_batch: dict | 
     row["global_batch"] = recipe.stage_batch_size(stage)
     row["processes"] = session.world
     row["images"] = seen
+    row["steps"] = steps
     return row, fixed_batch
 
 
@@ -363,8 +367,8 @@ def _without_grad(augment: Callable[[dict], dict]) -> Callable[[dict], dict]:
     return run
 
 
-def _epoch_line(stage: Stage, epoch: int, row: Mapping[str, Any], select: str) -> str:
-    parts = [f"[{stage.name}] epoch {epoch}/{stage.epochs}", f"loss {row.get('train/loss', float('nan')):.4f}"]
+def _epoch_line(stage: Stage, epoch: int, epochs: int, row: Mapping[str, Any], select: str) -> str:
+    parts = [f"[{stage.name}] epoch {epoch}/{epochs}", f"loss {row.get('train/loss', float('nan')):.4f}"]
     if "val/loss" in row:
         parts.append(f"val loss {row['val/loss']:.4f}")
     if select != "loss" and f"val/{select}" in row:

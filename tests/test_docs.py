@@ -45,8 +45,12 @@ def test_every_recipe_key_is_in_the_recipe_reference():
 
     from corex.recipe import Data, Recipe, Stage
 
+    from corex.kinds import run_level
+
     text = (ROOT / "docs" / "recipes.md").read_text()
+    for kind in run_level():  # top-level component lists, e.g. loggers
+        assert f"\n{kind.name}:" in text, kind.name
     for cls in (Recipe, Data, Stage):
         for field in attrs.fields(cls):
-            if field.name not in {"source", "options", "name"}:
+            if field.name not in {"source", "options", "name", "components"}:
                 assert f"`{field.name}`" in text or f"\n  {field.name}:" in text or f"\n{field.name}:" in text, f"{cls.__name__}.{field.name}"

@@ -8,7 +8,8 @@ plugin registers through ``corex_optimizers`` / ``corex_schedules`` (LARS, a one
   their scale) and the recipe's ``lr``, ``weight_decay``, ``momentum`` and ``betas``;
 * schedules ``cosine`` (linear warm-up, then cosine decay to ``min_lr_ratio`` of the learning rate)
   and ``constant`` (warm-up, then flat), stepped after every optimisation step; the core hands over
-  the ``optimizer``, ``steps_per_epoch``, ``epochs``, ``warmup_epochs`` and ``min_lr_ratio``.
+  the ``optimizer``, the stage's ``total_steps``, ``warmup_steps`` (``schedule.warmup_steps``, else
+  ``warmup_epochs`` converted with the steps of a full epoch) and ``min_lr_ratio``.
 
 torch is imported inside the factories, not here: ``corex --help`` and ``corex plugins`` load this
 module to read the factories' signatures and build nothing.
@@ -47,13 +48,12 @@ def adamw(*, param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, 
     return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas))
 
 
-def _warmup_then(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float,
+def _warmup_then(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                  after: Callable[[float], float]) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_epochs``, then ``after(progress)`` with progress going 0 -> 1."""
+    """Linear warm-up over ``warmup_steps``, then ``after(progress)`` with progress going 0 -> 1 at ``total_steps``."""
     import torch
 
-    total = max(1, steps_per_epoch * epochs)
-    warmup = round(warmup_epochs * steps_per_epoch)
+    total, warmup = max(1, total_steps), warmup_steps
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -63,17 +63,16 @@ def _warmup_then(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def cosine(*, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float,
+def cosine(*, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
            min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay from the learning rate to ``min_lr_ratio`` of it."""
-    return _warmup_then(optimizer, steps_per_epoch, epochs, warmup_epochs,
+    return _warmup_then(optimizer, total_steps, warmup_steps,
                         lambda progress: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def constant(*, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int,
-             warmup_epochs: float) -> torch.optim.lr_scheduler.LambdaLR:
+def constant(*, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then the learning rate as it is."""
-    return _warmup_then(optimizer, steps_per_epoch, epochs, warmup_epochs, lambda progress: 1.0)
+    return _warmup_then(optimizer, total_steps, warmup_steps, lambda progress: 1.0)
 
 
 @hookimpl

@@ -62,7 +62,7 @@ def test_the_built_in_cosine_schedule_warms_up_then_decays_to_its_floor():
     from corex_optim import cosine
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = cosine(optimizer=optimizer, steps_per_epoch=10, epochs=3, warmup_epochs=1, min_lr_ratio=0.1)
+    schedule = cosine(optimizer=optimizer, total_steps=30, warmup_steps=10, min_lr_ratio=0.1)
     rates = []
     for _ in range(30):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -91,7 +91,7 @@ def test_the_constant_schedule_warms_up_then_stays_flat():
     from corex_optim import constant
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
-    schedule = constant(optimizer=optimizer, steps_per_epoch=4, epochs=2, warmup_epochs=0.5)
+    schedule = constant(optimizer=optimizer, total_steps=8, warmup_steps=2)
     rates = []
     for _ in range(8):
         rates.append(optimizer.param_groups[0]["lr"])
