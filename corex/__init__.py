@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from corex.model import CorexModel
     from corex.schema import Recipe
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The core modules a plugin may import from, each through its __all__.
 PUBLIC_MODULES = ("corex.binding", "corex.checkpoints", "corex.contract", "corex.errors", "corex.hookspecs", "corex.interfaces", "corex.kinds",
@@ -53,9 +53,12 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'corex' has no attribute {name!r}")
-    return getattr(import_module(module), name)
+    if module is not None:
+        return getattr(import_module(module), name)
+    try:  # a submodule not imported yet (corex.recipe ...), as after `import corex.recipe`
+        return import_module(f"corex.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'corex' has no attribute {name!r}") from None
 
 
 def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

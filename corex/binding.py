@@ -7,6 +7,7 @@ a problem reads the same wherever it is: ``<recipe path>: expected <type>, got <
 from __future__ import annotations
 
 import collections.abc as cabc
+import difflib
 import inspect
 import types
 import typing
@@ -165,11 +166,15 @@ def bind_options(
     problems: Problems,
     *,
     injected: Iterable[str] = (),
+    label: str | None = None,
+    required_hint: str = "",
 ) -> dict[str, Any]:
     """Check ``options`` against ``factory``'s signature; return them converted.
 
     ``injected`` names the arguments the core supplies itself: they may not come from the recipe
-    and do not count as missing.
+    and do not count as missing; a required argument whose name is close to one of them is the
+    factory's mistake, and the message names the component (``label``). ``required_hint`` is added
+    to a missing required option's message (how to set it; ``{name}`` is the option).
     """
     injected = set(injected)
     try:
@@ -198,7 +203,13 @@ def bind_options(
             problems.add(where, f"unknown option{did_you_mean(key, settable) or '.'} Options: {accepted}")
     for name, p in params.items():
         if p.default is inspect.Parameter.empty and name not in options and name not in injected:
-            problems.add(f"{path}.{name}", "is required")
+            close = difflib.get_close_matches(name, sorted(injected), n=1, cutoff=0.75)
+            if close:
+                owner = f"{label}'s factory" if label else "the factory"
+                problems.add(f"{path}.{name}", f"is required by {owner}, but no recipe should set it: did you mean '{close[0]}', which "
+                                               f"corex supplies? Rename the factory's argument '{name}' to '{close[0]}'")
+            else:
+                problems.add(f"{path}.{name}", "is required" + required_hint.format(name=name))
     return bound
 
 

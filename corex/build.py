@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from corex import contract
 from corex.binding import accepted_injections
-from corex.errors import CorexError, RecipeError
+from corex.checks import Culprit, remember
+from corex.errors import CorexError, RecipeError, did_you_mean
 from corex.interfaces import LearnsFromTraining
 from corex.kinds import KINDS
 from corex.loaders import StagePlan, stage_plan, steps_per_epoch
@@ -30,18 +31,14 @@ DEFAULT_CACHE = Path(os.environ.get("COREX_CACHE", "~/.cache/corex")).expanduser
 
 
 @contextlib.contextmanager
-def _reported_as(path: str) -> Iterator[None]:
-    """A plugin's ValueError or TypeError while building becomes a recipe problem at ``path``."""
+def _reported_as(path: str, label: str) -> Iterator[None]:
+    """A plugin's ValueError or TypeError while building becomes a recipe problem at ``path``, naming the component."""
     try:
         yield
     except CorexError:
         raise
     except (ValueError, TypeError) as exc:
-        raise RecipeError([f"{path}: {exc}"]) from exc
-
-
-def component_label(kind: str, name: str, plugin: str) -> str:
-    return f"{KINDS[kind].singular} '{name}' (plugin '{plugin}')"
+        raise RecipeError([f"{path}: {label}: {exc}"]) from exc
 
 
 def build_component(registry: Registry, kind: str, component: Component, path: str, **injected: Any) -> Any:
@@ -56,11 +53,13 @@ def build_component(registry: Registry, kind: str, component: Component, path: s
         raise TypeError(f"building a {declared.singular}: corex supplied {sorted(injected)}, but corex.kinds declares {sorted(declared.injected)}")
     registered = registry.get(kind, component.name)
     factory = registered.factory
-    with _reported_as(path):
+    label = registry.label(kind, component.name)
+    with _reported_as(path, label):
         built = factory(**accepted_injections(factory, injected), **component.options)
-    problems = contract.built_problems(kind, built, component_label(kind, component.name, registered.plugin), path)
+    problems = contract.built_problems(kind, built, label, path)
     if problems:
         raise RecipeError(problems)
+    remember(built, Culprit(label, path, declared.protocol.__name__.lower(), third_party=not registry.is_builtin(registered.plugin)))
     return built
 
 
@@ -209,25 +208,46 @@ class _StandInEncoder(nn.Module):
         return features
 
 
+def selection_problem(stage: Stage, registry: Registry) -> None:
+    """A train stage selects its best epoch on a metric that one of its evaluators' plugins declares
+    (corex.metrics), or on a loss; anything else could never be found in the validation metrics."""
+    from corex.metrics import catalog
+
+    metric = stage.select.metric
+    if metric == "loss" or (metric.startswith("loss/") and metric[5:] in stage.heads):
+        return
+    plugins = {registry.get("evaluators", e.name).plugin for e in stage.evaluators}
+    declared = catalog(registry.pm)
+    if declared.get(metric) is not None and declared.plugin(metric) in plugins:
+        return
+    offered = sorted(m.name for m in declared if declared.plugin(m.name) in plugins)
+    evaluators = ", ".join(e.name for e in stage.evaluators) or "none"
+    raise RecipeError([f"stages.{stage.name}.select.metric: '{metric}' is not a metric this stage's evaluators declare "
+                       f"(evaluators: {evaluators}; they declare {', '.join(offered) or 'nothing'}; or 'loss')"
+                       f"{did_you_mean(metric, [m for m in offered if '*' not in m])}. A third-party evaluator declares its "
+                       "metrics with corex_metrics (docs/writing-a-plugin.md#what-your-metrics-mean)"])
+
+
 def check_components(recipe: Recipe, source: Any, registry: Registry, stage_sources: Mapping[str, Any] | None = None) -> CorexModel:
-    """Build the model and, once, every stage's augmentation, evaluators and objective, so that the
-    plugins' own checks (a Kornia op that does not exist, a queue size that does not divide the
-    batch) and the contract's (a member missing, a pyramid that is not what it declares) are all
-    reported together before any training starts. Returns the model."""
+    """Build the model and, once, every stage's augmentation, evaluators, objective, optimizer and
+    schedule, so that the plugins' own checks (a Kornia op that does not exist, a queue size that does
+    not divide the batch) and the contract's (a member missing, a pyramid that is not what it declares,
+    a selection metric no evaluator declares) are all reported together before any training starts.
+    Returns the model."""
     from corex.recipe import iter_components
 
     problems: list[str] = []
     for kind, path, component in iter_components(recipe):
         with contextlib.suppress(KeyError):  # unknown names were reported when the recipe loaded
             registered = registry.get(kind, component.name)
-            label = component_label(kind, component.name, registered.plugin)
+            label = registry.label(kind, component.name)
             problems.extend(contract.factory_problems(registered.factory, KINDS[kind].injected, label, path))
     class_names = list(source.class_names)
     encoder, encoder_problems = None, []
     try:
         encoder = build_component(registry, "encoders", recipe.model.encoder, "model.encoder")
         registered = registry.get("encoders", recipe.model.encoder.name)
-        encoder_problems = contract.pyramid_problems(encoder, component_label("encoders", recipe.model.encoder.name, registered.plugin), "model.encoder")
+        encoder_problems = contract.pyramid_problems(encoder, registry.label("encoders", recipe.model.encoder.name), "model.encoder")
     except RecipeError as exc:
         encoder_problems = exc.problems
     problems.extend(encoder_problems)
@@ -239,6 +259,8 @@ def check_components(recipe: Recipe, source: Any, registry: Registry, stage_sour
         problems.extend(exc.problems)
     stage_sources = stage_sources or {}
     for stage in recipe.stages.values():
+        stage_source = stage_sources.get(stage.name, source)
+
         def check_evaluators(stage: Stage = stage) -> None:
             evaluators = build_evaluators(stage, class_names, registry)
             if stage.kind == "train":  # validation does not show them the training split
@@ -246,26 +268,48 @@ def check_components(recipe: Recipe, source: Any, registry: Registry, stage_sour
                             "evaluate stage (add one after this stage)" for i, (path, e) in enumerate(evaluators) if isinstance(e, LearnsFromTraining)]
                 if learners:
                     raise RecipeError(learners)
+                selection_problem(stage, registry)
+
+        objective = None
+
+        def check_objective(stage: Stage = stage) -> None:
+            nonlocal objective
+            objective = build_objective(registry, recipe, stage, usable, len(stage_source.split("train")))
+            label = registry.label("objectives", stage.objective.name)
+            if found := contract.objective_problems(objective, usable, label, f"stages.{stage.name}.objective"):
+                raise RecipeError(found)
+
+        def check_optimisation(stage: Stage = stage) -> None:  # the optimizer and schedule the stage will build
+            modules = [usable, *(heads[h] for h in stage.heads if h in heads), *([objective] if objective is not None else [])]
+            params = list({id(p): p for m in modules for p in m.parameters()}.values())
+            fraction = 1.0 if stage.kind == "pretrain" else recipe.stage_data(stage).label_fraction
+            per_epoch = steps_per_epoch(len(stage_source.split("train", label_fraction=fraction)), recipe.stage_batch_size(stage),
+                                        stage.max_steps_per_epoch)
+            optimizer = build_optimizer(params, recipe.stage_optimizer(stage), registry,
+                                        f"stages.{stage.name}.optimizer" if stage.optimizer is not None else "optimizer")
+            build_schedule(optimizer, recipe.stage_schedule(stage), stage_plan(stage, per_epoch), registry,
+                           f"stages.{stage.name}.schedule" if stage.schedule is not None else "schedule")
 
         builders = [lambda: build_augment(stage, registry), check_evaluators]
         if stage.objective is not None:
-            def check_objective(stage: Stage = stage) -> None:
-                train_size = len(stage_sources.get(stage.name, source).split("train"))
-                objective = build_objective(registry, recipe, stage, usable, train_size)
-                label = component_label("objectives", stage.objective.name, registry.get("objectives", stage.objective.name).plugin)
-                if found := contract.objective_problems(objective, usable, label, f"stages.{stage.name}.objective"):
-                    raise RecipeError(found)
             builders.append(check_objective)
+        if stage.kind != "evaluate":
+            builders.append(check_optimisation)
         for build in builders:
             try:
                 build()
             except RecipeError as exc:
                 problems.extend(exc.problems)
+    for i, component in enumerate(recipe.components.get("loggers", [])):  # loggers write nothing until they start
+        try:
+            build_component(registry, "loggers", component, f"loggers[{i}]", run_dir=Path("."))
+        except RecipeError as exc:
+            problems.extend(exc.problems)
     if problems:
         raise RecipeError(problems, source=recipe.source)
     return CorexModel(encoder, heads)
 
 
 __all__ = ["DEFAULT_CACHE", "assemble_model", "build_augment", "build_component", "build_data", "build_evaluators", "build_heads", "build_model",
-           "build_objective", "build_optimizer", "build_schedule", "build_stage_data", "check_components", "component_label",
+           "build_objective", "build_optimizer", "build_schedule", "build_stage_data", "check_components",
            "objective_arguments", "recipe_heads"]

@@ -7,10 +7,11 @@ with code 2; a traceback means a bug in corex or a plugin.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from corex import __version__
@@ -140,17 +141,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = args.out or default_out(recipe)
     try:
         results = run(recipe, out=out, resume=args.resume, overwrite=args.overwrite, progress=False if args.no_progress else None, flags=CLI_FLAGS)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
         if (out / "recipe.yaml").exists():
-            print(f"corex: interrupted; continue with: corex run {args.recipe} --out {out} --resume", file=sys.stderr)
+            print(f"corex: {what}; the last checkpoint is kept. Continue with: {resume_command(args, out)}", file=sys.stderr)
         else:
-            print("corex: interrupted before the run started; nothing was written", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(summary_table(results, out))
+            print(f"corex: {what} before the run started; nothing was written", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # under torch.distributed rank 0 alone reports
+        print(json.dumps(results, indent=2) if args.json else summary_table(results, out))
     return 0
+
+
+def resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The command that continues this run, typed as shown: the environment it depends on, its --set values."""
+    import shlex
+
+    from corex.rundir import RUN_ENVIRONMENT
+
+    words = [f"{key}={shlex.quote(os.environ[key])}" for key in RUN_ENVIRONMENT if key in os.environ]
+    words += ["corex", "run", shlex.quote(str(args.recipe))]
+    words += [f"--set {shlex.quote(value)}" for value in args.overrides]
+    return " ".join([*words, "--out", shlex.quote(str(out)), "--resume"])
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slurm, Kubernetes and most schedulers send), handled like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def summary_table(results: dict, out: Path) -> str:
@@ -267,6 +287,35 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    rank, world = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if rank > 0:  # under torch.distributed only rank 0 speaks; the others report only their errors
+        real_stderr = sys.stderr
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
+        try:
+            return _main(argv, lambda text: print(f"[rank {rank}/{world}] {text}", file=real_stderr, flush=True))
+        except BaseException:
+            import traceback
+
+            print(f"[rank {rank}/{world}] " + traceback.format_exc(), file=real_stderr, flush=True)
+            raise
+    return _main(argv, lambda text: print(text, file=sys.stderr))
+
+
+def _main(argv: Sequence[str] | None, error: Callable[[str], None]) -> int:
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous in (signal.SIG_DFL, None):  # leave a host program's own handler alone
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _handle(argv, error)
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+
+
+def _handle(argv: Sequence[str] | None, error: Callable[[str], None]) -> int:
     try:
         parser = build_parser()
         argv = list(sys.argv[1:] if argv is None else argv)
@@ -280,11 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         set_mode(args.progress)
         return int(args.handler(args) or 0)
     except CorexError as exc:  # the one place where a user's, the data's or the machine's problem becomes a message
-        print(f"corex: {exc}", file=sys.stderr)
+        error(f"corex: {exc}")
         return getattr(exc, "exit_code", 2)
-    except KeyboardInterrupt:
-        print("corex: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        error("corex: terminated (SIGTERM)" if isinstance(stop, Terminated) else "corex: interrupted")
+        return 143 if isinstance(stop, Terminated) else 130
     except BrokenPipeError:  # `corex recipes | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

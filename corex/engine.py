@@ -63,6 +63,7 @@ class Runner:
         self.directory = RunDirectory(recipe, self.out, resume=resume, overwrite=overwrite, registry=self.registry, device=str(self.device),
                                       flags=flags)
         self.session: Session | None = None
+        self.started = False  # a stage has begun: from then on the run directory is kept, whatever happens
 
     @property
     def status(self) -> str:
@@ -76,6 +77,10 @@ class Runner:
             distributed.main_first(lambda: self.directory.open() if distributed.is_main() else None)
             results = distributed.broadcast(self.directory.results)
             return self._run(results)
+        except BaseException:
+            if not self.started and distributed.is_main():
+                self.directory.discard()
+            raise
         finally:
             self.directory.close()
             if self.launched:
@@ -107,7 +112,7 @@ class Runner:
                 if stage.kind != "evaluate":  # evaluation changes neither the model nor the RNG
                     self._take_finished_model(session, stage)
                 continue
-            started = time.perf_counter()
+            started, self.started = time.perf_counter(), True
             if stage.kind == "evaluate":
                 session.start_encoder(stage)
                 result = distributed.broadcast(evaluate_stage(session, stage))  # every rank predicts its share; rank 0 scores

@@ -8,7 +8,7 @@ Python API's entry point with evaluators named as in a recipe.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader
 
 from corex import distributed
 from corex.build import build_component
+from corex.checks import blame, check_batch, check_head_output, check_metrics, culprit_of
 from corex.errors import CorexError, RecipeError
-from corex.interfaces import Calibrated, HasIntervals, LearnsFromTraining, NeedsModel, SavesArtefacts
+from corex.interfaces import Calibrated, ExplainsUndefined, HasIntervals, LearnsFromTraining, NeedsModel, SavesArtefacts
 from corex.loaders import RankShard, autocast_dtype, check_intensities, resolve_device, stage_loader, to_device
 from corex.model import CorexModel
 from corex.plugins import Registry
@@ -35,17 +36,26 @@ def format_metric(name: str, value: Any) -> str:
 
 
 def _outputs(model: CorexModel, loader: DataLoader, heads: list[str], device: torch.device, *, amp: torch.dtype | None,
-             channels_last: bool, where: str, desc: str | None) -> Iterator[tuple[dict[str, Any], dict[str, Tensor]]]:
-    """``(batch on the device, head outputs)`` for every batch of ``loader``, in eval mode."""
+             channels_last: bool, where: str, desc: str | None, check: Callable[[dict], None] | None = None,
+             num_classes: int | None = None) -> Iterator[tuple[dict[str, Any], dict[str, Tensor]]]:
+    """``(batch on the device, head outputs)`` for every batch of ``loader``, in eval mode. The first
+    batch is held to the data contract (``check``) and, with ``num_classes``, the heads' outputs to theirs."""
     model.eval()
     bar = Progress(len(loader), desc or "", unit="batch", mode=None if desc else "off")
     with bar:
         for index, batch in enumerate(loader):
             if index == 0:
+                if check is not None:
+                    check(batch)
                 check_intensities(batch, where)
             batch = to_device(batch, device, channels_last)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                outputs = model(batch["image"], heads)
+                with blame(culprit_of(model, "the model"), "running the model"):
+                    outputs = model(batch["image"], heads)
+            if index == 0 and num_classes is not None:
+                for h in heads:
+                    module = model.heads[h] if h in getattr(model, "heads", {}) else None
+                    check_head_output(outputs[h], getattr(module, "task", ""), batch["image"], num_classes, culprit_of(module, f"head {h}", "head"))
             yield batch, outputs
             bar.update(1)
 
@@ -57,12 +67,15 @@ def _to_cpu(values: Mapping[str, Any]) -> dict[str, Any]:
 def _feed(evaluators: list[tuple[str, Any]], method: str, batch: dict[str, Any], outputs: Mapping[str, Tensor], model: CorexModel, heads: list[str]) -> None:
     for path, evaluator in evaluators:
         try:
-            if method != "calibration_update" and isinstance(evaluator, NeedsModel) and evaluator.needs_model:  # saliency, features
-                getattr(evaluator, method)(batch, outputs, model=model)
-            else:
-                getattr(evaluator, method)(batch, outputs)
-        except KeyError as exc:
-            raise CorexError(f"{path}: reads the output of head {exc}, but the model's heads are {', '.join(heads) or 'none'}") from exc
+            with blame(culprit_of(evaluator, path, "evaluator"), f"{method}()"):
+                if isinstance(evaluator, NeedsModel) and evaluator.needs_model:  # saliency, features: they look inside the model
+                    getattr(evaluator, method)(batch, outputs, model=model)
+                else:
+                    getattr(evaluator, method)(batch, outputs)
+        except KeyError as exc:  # a built-in evaluator reading a head the model does not have
+            if exc.args and exc.args[0] == getattr(evaluator, "head", None) and exc.args[0] not in outputs:
+                raise CorexError(f"{path}: reads the output of head {exc}, but the model's heads are {', '.join(heads) or 'none'}") from exc
+            raise
 
 
 def evaluate_split(model: CorexModel, source: Any, recipe: Recipe, stage: Stage, evaluators: list[tuple[str, Any]], device: torch.device, *,
@@ -88,7 +101,15 @@ def evaluate_split(model: CorexModel, source: Any, recipe: Recipe, stage: Stage,
         feed(model, loader, heads, calibrated, "calibration_update", device, amp=amp, channels_last=channels_last, where=where)
     loader = stage_loader(recipe, stage, source, split, device, shuffle=False, rank=distributed.rank(), world=distributed.world_size())
     return evaluate_loader(model, loader, heads, evaluators, device, weights=weights, amp=amp, channels_last=channels_last,
-                           artefacts=artefacts, where=where, desc=desc)
+                           artefacts=artefacts, where=where, desc=desc, check=data_check(source, recipe, stage),
+                           num_classes=len(source.class_names))
+
+
+def data_check(source: Any, recipe: Recipe, stage: Stage) -> Callable[[dict], None]:
+    """Holds a batch of ``source`` to the data contract, naming the data's recipe key."""
+    path = f"stages.{stage.name}.data" if stage.data is not None else "data"
+    culprit = culprit_of(source, path, "dataset")
+    return lambda batch: check_batch(batch, culprit, len(source.class_names), getattr(source, "multilabel", False))
 
 
 @torch.no_grad()
@@ -114,12 +135,15 @@ def evaluate_loader(
     artefacts: Path | None = None,
     where: str = "evaluate",
     desc: str | None = None,
+    check: Callable[[dict], None] | None = None,
+    num_classes: int | None = None,
 ) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
     """Head losses plus every evaluator's metrics and intervals over ``loader``.
 
     ``evaluators`` are ``(recipe path, evaluator)`` pairs; the path names the evaluator in errors.
     The loss is weighted like the training loss, so the curves are comparable. ``desc`` names the
-    progress shown while it runs (none without it).
+    progress shown while it runs (none without it). ``check`` holds the first batch to the data
+    contract and ``num_classes`` the heads' first outputs to theirs (corex.checks).
     """
     for _, evaluator in evaluators:
         evaluator.reset()
@@ -128,7 +152,8 @@ def evaluate_loader(
     # Under torch.distributed each rank predicts its share (RankShard) and rank 0 scores them all.
     sharded = isinstance(getattr(loader, "sampler", None), RankShard)
     records = []
-    for batch, outputs in _outputs(model, loader, heads, device, amp=amp, channels_last=channels_last, where=where, desc=desc):
+    for batch, outputs in _outputs(model, loader, heads, device, amp=amp, channels_last=channels_last, where=where, desc=desc,
+                                   check=check, num_classes=num_classes):
         n = batch["image"].shape[0]
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             for h in heads:
@@ -157,15 +182,24 @@ def evaluate_loader(
         if len(heads) > 1:
             metrics.update({f"loss/{h}": v for h, v in per_head.items()})
     for path, evaluator in evaluators:
-        for key, value in evaluator.compute().items():
+        culprit = culprit_of(evaluator, path, "evaluator")
+        with blame(culprit, "compute()"):
+            computed = evaluator.compute()
+            reasons = evaluator.undefined() if isinstance(evaluator, ExplainsUndefined) else None
+        # NaN needs a reason (ExplainsUndefined); corex's own evaluators without undefined() are trusted.
+        strict = culprit.third_party or reasons is not None
+        for key, value in check_metrics(computed, culprit, (reasons or {}) if strict else None).items():
             if key in metrics:
-                raise CorexError(f"{path}: metric '{key}' is also produced by another evaluator of this stage; give it another name")
-            metrics[key] = value if isinstance(value, int) and not isinstance(value, bool) else float(value)
+                raise CorexError(f"{path}: {culprit.label}'s metric '{key}' is also produced by another evaluator of this stage "
+                                 "(or is the stage's loss); give it another name")
+            metrics[key] = value
         if isinstance(evaluator, HasIntervals):
-            intervals.update(evaluator.intervals())
+            with blame(culprit, "intervals()"):
+                intervals.update(evaluator.intervals())
         if artefacts is not None and isinstance(evaluator, SavesArtefacts):
             artefacts.mkdir(parents=True, exist_ok=True)
-            evaluator.save(artefacts)
+            with blame(culprit, f"save() into {artefacts}"):
+                evaluator.save(artefacts)
     return metrics, intervals
 
 
@@ -200,4 +234,4 @@ def evaluate_model(
     return evaluate_loader(model, loader, heads, built, target, artefacts=Path(out) if out else None)
 
 
-__all__ = ["evaluate_loader", "evaluate_model", "evaluate_split", "feed", "format_metric"]
+__all__ = ["data_check", "evaluate_loader", "evaluate_model", "evaluate_split", "feed", "format_metric"]

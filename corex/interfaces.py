@@ -106,7 +106,8 @@ class Evaluator(Protocol):
     ``reset()`` clears state. Optional: ``intervals() -> {metric: (low, high)}`` confidence
     intervals, and ``save(out_dir)`` to write artefacts (plots, tables, per-sample predictions).
     An evaluator that must look inside the model (saliency) sets ``needs_model = True`` and is
-    called as ``update(batch, outputs, model=model)`` with the model in eval mode, under
+    called as ``update(batch, outputs, model=model)`` (and so are its ``training_update`` and
+    ``calibration_update``, when it has them) with the model in eval mode, under
     ``torch.no_grad()`` (use ``torch.enable_grad()`` for gradients); ``model(images, [head])``
     returns ``{head: output}`` and ``model.encoder(images)`` the pyramid.
     """
@@ -161,6 +162,15 @@ class EpochEndHook(Protocol):
     """An objective that writes artefacts after each epoch from a fixed batch (MoCo's views, inpainting's fills)."""
 
     def on_epoch_end(self, epoch: int, batch: Batch, out_dir: Path) -> None: ...
+
+
+@runtime_checkable
+class ExplainsUndefined(Protocol):
+    """An evaluator whose ``compute()`` may give NaN for a metric that the data cannot measure (AUROC of a
+    class without positives, Dice on images with an opacity when there are none): ``undefined()`` returns
+    ``{metric: why}`` for each such NaN. A NaN without a reason breaks the contract."""
+
+    def undefined(self) -> dict[str, str]: ...
 
 
 @runtime_checkable
@@ -279,6 +289,6 @@ OptimizerFactory = Callable[..., Optimizer]
 ScheduleFactory = Callable[..., Schedule]
 
 __all__ = ["Augmentation", "AugmentationFactory", "Batch", "Calibrated", "DataSource", "DataSourceFactory", "Encoder",
-           "EncoderFactory", "EpochEndHook", "Evaluator", "EvaluatorFactory", "HasIntervals", "Head", "HeadFactory",
+           "EncoderFactory", "EpochEndHook", "ExplainsUndefined", "Evaluator", "EvaluatorFactory", "HasIntervals", "Head", "HeadFactory",
            "LearnsFromTraining", "Logger", "LoggerFactory", "NeedsModel", "Objective", "ObjectiveFactory", "Optimizer", "OptimizerFactory", "Preparable", "SavesArtefacts",
            "Schedule", "ScheduleFactory"]

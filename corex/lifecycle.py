@@ -8,6 +8,7 @@ describe the run: recipe.yaml, plugins.json, provenance.json and the folder's RE
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Mapping
@@ -67,9 +68,24 @@ class RunDirectory:
         self.lock = rundir.RunLock(self.out)
         self.results: dict[str, Any] = {"recipe": recipe.name, "stages": {}}
         self.status = "new"  # new | resumed | complete | extended
+        self.created = False  # whether this run made the folder
 
     def close(self) -> None:
         self.lock.release()
+
+    def discard(self) -> None:
+        """Undo a new run that failed before its first stage started (a wrong data.root, a plugin that
+        broke at build time): nothing it wrote may block the corrected command. Call before ``close``."""
+        if self.status != "new" or not self.out.is_dir():
+            return
+        for path in self.out.iterdir():
+            if path.name != rundir.RunLock.NAME:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        self.lock.release()
+        (self.out / rundir.RunLock.NAME).unlink(missing_ok=True)
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
 
     def open(self) -> None:
         """Create or reopen ``out``, lock it, and decide what is left to do."""
@@ -78,6 +94,7 @@ class RunDirectory:
         try:
             if out.exists() and not out.is_dir():
                 raise CorexError(f"{where}: '{out}' is a file, not a folder")
+            self.created = not out.exists()
             out.mkdir(parents=True, exist_ok=True)
             self.lock.acquire()
         except OSError as exc:

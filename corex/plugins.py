@@ -170,6 +170,14 @@ def call_named(pm: pluggy.PluginManager, hook_name: str, *, order: str = "regist
 
 
 @cache
+def _own_distribution() -> str:
+    """The name of the distribution corex itself was installed from."""
+    from importlib.metadata import packages_distributions
+
+    return (packages_distributions().get("corex") or ["corex"])[0]
+
+
+@cache
 def get_plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager, created on first use."""
     return create_plugin_manager()
@@ -233,6 +241,26 @@ class Registry:
         if name in available:
             return available[name]
         raise KeyError(self.unknown_message(kind, name))
+
+    def label(self, kind: str, name: str) -> str:
+        """``head 'x' (plugin 'p', dist 1.0)``: a component as messages name it, with where it comes from."""
+        plugin = self.get(kind, name).plugin
+        origin = self.origin(plugin)
+        return f"{KINDS[kind].singular} '{name}' (plugin '{plugin}'{', ' + origin if origin else ''})"
+
+    def origin(self, plugin: str) -> str:
+        """The distribution and version a plugin was installed with (``corex-cxr 0.2.0``), or its version."""
+        loaded = self.pm.get_plugin(plugin)
+        for candidate, dist in self.pm.list_plugin_distinfo():
+            if candidate is loaded:
+                return f"{dist.project_name} {dist.version}"
+        version = getattr(loaded, "__version__", None)
+        return f"version {version}" if version else ""
+
+    def is_builtin(self, plugin: str) -> bool:
+        """Whether a plugin came with corex itself (its entry point is corex's own distribution)."""
+        loaded = self.pm.get_plugin(plugin)
+        return any(candidate is loaded and dist.project_name == _own_distribution() for candidate, dist in self.pm.list_plugin_distinfo())
 
     def unknown_message(self, kind: str, name: str) -> str:
         available = self.components(kind)

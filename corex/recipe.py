@@ -9,6 +9,7 @@ the factory that provides it (see :mod:`corex.binding`). Paths in messages use s
 from __future__ import annotations
 
 import copy
+import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -157,6 +158,7 @@ def load_recipe(
     problems = Problems(apply_overrides(data, overrides))
     data.setdefault("name", default_name)
     recipe = _structure(Recipe, data, "", problems)
+    problems = Problems(_label_overrides(problems, overrides))
     if recipe is not None:  # bind and cross-check what could be read, to report everything at once
         recipe.stages = {k: v for k, v in recipe.stages.items() if v is not None}
         for stage in recipe.stages.values():
@@ -165,10 +167,22 @@ def load_recipe(
         _bind_components(recipe, registry or Registry(), problems)
     if recipe is not None and not problems:  # cross-checks compare values, so only well-typed ones
         _cross_check(recipe, problems)
+    problems = Problems(_label_overrides(problems, overrides))
     if problems:
         raise RecipeError(problems, source=where)
     recipe.source = where
     return recipe
+
+
+def _label_overrides(problems: list[str], overrides: Sequence[str]) -> list[str]:
+    """Mark the problems that a ``--set`` value caused as ``--set``, not as if they were in the recipe file."""
+    keys = [o.partition("=")[0].strip() for o in overrides]
+    labelled = []
+    for problem in problems:
+        path = re.sub(r"\[(\d+)\]", r".\1", problem.split(": ", 1)[0])
+        from_set = not problem.startswith("--set ") and any(path == k or path.startswith(k + ".") for k in keys if k)
+        labelled.append(f"--set {problem}" if from_set else problem)
+    return labelled
 
 
 # -- structuring: plain data -> attrs classes ------------------------------------------------------
@@ -318,7 +332,12 @@ def bind_component(registry: Registry, kind: str, component: Component, path: st
     except KeyError as exc:
         problems.add(f"{path}.name" if KINDS[kind].block else path, exc.args[0])
         return False
-    bound = bind_options(registered.factory, component.options, path, problems, injected=KINDS[kind].injected)
+    hint = ""
+    if KINDS[kind].block:  # data, optimizer, schedule: a block of the recipe, often set from the command line
+        hint = f": add it to the recipe's {path} block, or pass --set {path}.{{name}}=VALUE"
+        hint += " (see docs/data.md)" if kind == "datasets" else ""
+    bound = bind_options(registered.factory, component.options, path, problems, injected=KINDS[kind].injected,
+                         label=registry.label(kind, component.name), required_hint=hint)
     component.options.clear()  # in place: a data block's Component shares its options dict
     component.options.update(bound)
     return True

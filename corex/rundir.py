@@ -173,17 +173,26 @@ class RunLock:
             self._handle = None
 
 
+# Environment variables that change what a run reads or loads (the cache, the plugins).
+RUN_ENVIRONMENT = ("COREX_CACHE", "COREX_PLUGINS", "COREX_DISABLE_PLUGINS", "COREX_DISABLE_PLUGIN_AUTOLOAD", "KERAS_HOME")
+
+
 def provenance(device: str, recipe_source: str | None) -> dict[str, Any]:
     """What made this run: versions, device, command line and the recipe's git commit."""
     import platform
 
+    from corex import __version__
+
     info: dict[str, Any] = {
+        "corex": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
         "device": device,
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else [],
         "cwd": os.getcwd(),
+        # What the run depends on beside its recipe: a resume must see the same.
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k in RUN_ENVIRONMENT},
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(torch.device(device))
@@ -275,5 +284,5 @@ def fault_point(point: str, stage: str, epoch: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-__all__ = ["MetricsLog", "RunLock", "atomic_path", "atomic_write_text", "fault_point", "provenance", "read_json", "remove_temporaries",
+__all__ = ["MetricsLog", "RUN_ENVIRONMENT", "RunLock", "atomic_path", "atomic_write_text", "fault_point", "provenance", "read_json", "remove_temporaries",
            "save_torch", "write_json"]

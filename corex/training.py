@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 
 from corex import checkpoints, distributed, rundir
 from corex.build import build_augment, build_evaluators, build_objective, build_optimizer, build_schedule
+from corex.checks import blame, check_augmented, check_batch, check_head_output, check_loss, check_objective_output, culprit_of
 from corex.errors import CorexError, RecipeError, RunFailure
-from corex.evaluation import evaluate_loader
+from corex.evaluation import data_check, evaluate_loader
 from corex.interfaces import EpochEndHook
 from corex.loaders import StagePlan, autocast_dtype, check_intensities, stage_plan, to_device
 from corex.progress import Progress, log
@@ -57,6 +58,7 @@ class _Loop:
     forward: nn.Module | None = None  # DistributedDataParallel around the model or objective, when there are several ranks
     best: dict[str, Any] = attrs.field(factory=lambda: {"epoch": None, "value": None, "metrics": {}})
     checked: bool = False
+    validated: bool = False
 
 
 def train_stage(session: Session, stage: Stage) -> dict[str, Any]:
@@ -135,6 +137,14 @@ def _finish(session: Session, loop: _Loop, best: dict[str, Any], ckpt_dir: Path)
     """Keep the best (or averaged) weights, write the stage's model.pt, and say what the stage gave."""
     stage, model = loop.stage, session.model
     distributed.barrier()  # best.pt is written
+    if loop.val_loader is not None and best["epoch"] is None:
+        metric = stage.select.metric
+        seen = [r.get(f"val/{metric}") for r in session.metrics.rows() if r.get("stage") == stage.name]
+        raise RunFailure(
+            f"stages.{stage.name}.select.metric: '{metric}' was not a finite number at any of the {len(seen)} validations "
+            f"(values {', '.join('nan' if v is None else f'{v:g}' for v in seen[:5])}{' ...' if len(seen) > 5 else ''}), so no epoch "
+            "could be selected and the stage has no best checkpoint. Select on a metric the validation split can measure "
+            f"(e.g. select: loss), or check the evaluator that computes '{metric}'; metrics.jsonl holds every epoch's values")
     if best["epoch"] is not None:
         session.load_model(ckpt_dir / "best.pt", f"stages.{stage.name}")
     elif loop.ema is not None:
@@ -226,7 +236,10 @@ def _train_epoch(session: Session, loop: _Loop, epoch: int, fixed_batch: dict | 
     for step, batch in enumerate(train_loader, start=first):
         if step >= steps:
             break
-        if not loop.checked:
+        first_step = not loop.checked
+        if first_step:
+            source = session.source_of(stage)
+            check_batch(batch, culprit_of(source, data_path(stage), "dataset"), len(source.class_names), getattr(source, "multilabel", False))
             check_intensities(batch, f"stages.{stage.name}: data '{recipe.stage_data(stage).name}', split 'train'")
             loop.checked = True
         batch = to_device(batch, device, recipe.model.channels_last)
@@ -234,7 +247,7 @@ def _train_epoch(session: Session, loop: _Loop, epoch: int, fixed_batch: dict | 
             fixed_batch = _first(batch, 8)
         step_started = time.perf_counter()
         with torch.autocast(device.type, dtype=loop.dtype or torch.float32, enabled=loop.dtype is not None):
-            loss, logs = _step_loss(session, loop, batch)
+            loss, logs = _step_loss(session, loop, batch, first_step)
         loop.optimizer.zero_grad(set_to_none=True)
         loop.scaler.scale(loss).backward()
         if stage.grad_clip:
@@ -281,32 +294,76 @@ def _train_epoch(session: Session, loop: _Loop, epoch: int, fixed_batch: dict | 
     return row, fixed_batch
 
 
-def _step_loss(session: Session, loop: _Loop, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+def _step_loss(session: Session, loop: _Loop, batch: dict[str, Any], first: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of one training step, and the extra scalars to log.
 
     A pretrain stage hands the batch and the augmentation to its objective (which may make
     several views); a train stage augments once and sums the heads' weighted losses. Either way
-    augmentation runs without gradients.
+    augmentation runs without gradients. On the ``first`` step of a stage every component's output
+    is held to its contract (corex.checks); a third-party plugin that raises is named.
     """
     stage, model = loop.stage, session.model
+    augment = _augment(loop, first)
     if loop.objective is not None:
-        out = (loop.forward or loop.objective)(batch, _without_grad(loop.augment))
+        objective = culprit_of(loop.objective, f"stages.{stage.name}.objective", "objective")
+        with blame(objective, "computing the pre-training loss"):
+            out = (loop.forward or loop.objective)(batch, _without_grad(augment))
+        if first:
+            check_objective_output(out, objective)
         return out["loss"], {f"train/{k}": v for k, v in out.items() if k != "loss"}
     with torch.no_grad():
-        batch = loop.augment(batch)
-    outputs = (loop.forward or model)(batch["image"], list(stage.heads))
-    losses = {h: model.heads[h].loss(outputs[h], batch) for h in stage.heads}
-    loss = sum(stage.heads[h].weight * losses[h] for h in stage.heads)
+        batch = augment(batch)
+    heads = list(stage.heads)
+    if loop.forward is not None:  # DistributedDataParallel runs the encoder and the heads as one module
+        with blame(culprit_of(model.encoder, "model.encoder", "encoder"), "running the encoder and heads"):
+            outputs = loop.forward(batch["image"], heads)
+    else:  # what CorexModel.forward does, one component at a time so that a failure names its component
+        with blame(culprit_of(model.encoder, "model.encoder", "encoder"), "encoding a batch"):
+            features = model.encoder(batch["image"])
+        outputs = {}
+        for h in heads:
+            with blame(culprit_of(model.heads[h], f"stages.{stage.name}.heads.{h}", "head"), "computing the head's output"):
+                outputs[h] = model.heads[h](features)
+    losses = {}
+    for h in heads:
+        head = culprit_of(model.heads[h], f"stages.{stage.name}.heads.{h}", "head")
+        if first:
+            check_head_output(outputs[h], getattr(model.heads[h], "task", ""), batch["image"], len(session.class_names), head)
+        with blame(head, "computing the head's loss"):
+            losses[h] = model.heads[h].loss(outputs[h], batch)
+        if first:
+            check_loss(losses[h], head, "loss(output, batch)")
+    loss = sum(stage.heads[h].weight * losses[h] for h in heads)
     return loss, ({f"train/loss/{h}": v for h, v in losses.items()} if len(losses) > 1 else {})
+
+
+def _augment(loop: _Loop, first: bool) -> Callable[[dict], dict]:
+    """The stage's augmentation; on the first step, held to its contract and named if it raises."""
+    if loop.stage.augment is None:
+        return loop.augment
+    culprit = culprit_of(loop.augment, f"stages.{loop.stage.name}.augment", "augmentation")
+
+    def run(batch: dict) -> dict:
+        with blame(culprit, "augmenting a batch"):
+            after = loop.augment(batch)
+        if first:
+            check_augmented(batch, after, culprit)
+        return after
+
+    return run
 
 
 def _validate(session: Session, loop: _Loop, epoch: int, row: dict[str, Any], best: dict[str, Any], ckpt_dir: Path) -> dict[str, Any]:
     stage = loop.stage
     evaluated = loop.ema.module if loop.ema is not None else session.model
+    first = epoch == 1 or not loop.validated
+    loop.validated = True
+    source = session.source_of(stage)
     val_metrics = evaluate_loader(
         evaluated, loop.val_loader, loop.heads, loop.evaluators, session.device, weights=session.head_weights(stage),
         amp=autocast_dtype(stage, session.device), channels_last=session.recipe.model.channels_last, where=f"stages.{stage.name}",
         desc=session.progress_desc(f"[{stage.name}] validate"),
+        check=data_check(source, session.recipe, stage) if first else None, num_classes=len(source.class_names) if first else None,
     )[0]
     if not session.main:
         return best
@@ -357,6 +414,11 @@ def _checkpoint(session: Session, loop: _Loop, epoch: int, row: dict[str, Any] |
 def _first(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
     """The first ``n`` samples of a batch (tensors, lists and mappings of them, such as ``meta``)."""
     return {k: _first(v, n) if isinstance(v, Mapping) else v[:n] if isinstance(v, (Tensor, list)) else v for k, v in batch.items()}
+
+
+def data_path(stage: Stage) -> str:
+    """The recipe key of the data a stage reads."""
+    return f"stages.{stage.name}.data" if stage.data is not None else "data"
 
 
 def _without_grad(augment: Callable[[dict], dict]) -> Callable[[dict], dict]:

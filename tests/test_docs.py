@@ -54,3 +54,17 @@ def test_every_recipe_key_is_in_the_recipe_reference():
         for field in attrs.fields(cls):
             if field.name not in {"source", "options", "name", "components"}:
                 assert f"`{field.name}`" in text or f"\n  {field.name}:" in text or f"\n{field.name}:" in text, f"{cls.__name__}.{field.name}"
+
+
+def test_every_protocol_has_its_section_in_the_contract_page():
+    import inspect
+    from typing import Protocol
+
+    from corex import interfaces
+
+    text = (ROOT / "docs" / "contract.md").read_text()
+    headings = set(re.findall(r"^## (\w+)", text, flags=re.MULTILINE))
+    for name, value in vars(interfaces).items():
+        if inspect.isclass(value) and issubclass(value, Protocol) and value is not Protocol and value.__module__ == interfaces.__name__:
+            assert name in headings or f"**{name}**" in text, name
+    assert "Batch" in text

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 from corex.progress import progress as progress_bar
 from corex.rundir import atomic_write_text
 from corex_cxr.dicom import Box, boxes_to_mask, resize_pad
-from corex_cxr.errors import DataError
+from corex_cxr.errors import DataError, printable
 from corex_cxr.images import read_image
 from corex_cxr.metadata import Meta
 
@@ -251,11 +251,11 @@ def _file_key(path: Path) -> list[Any] | None:
         stat = os.stat(path)
     except OSError:
         return None  # decoding will report the missing file
-    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+    return [printable(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]  # printable: index.json stays UTF-8
 
 
 def _digest(ids: Sequence[str]) -> str:
-    return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:12]
+    return hashlib.sha1("\n".join(ids).encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def _load_index(directory: Path, size: int) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from corex_cxr.dicom import Box, read_header
-from corex_cxr.errors import DataError
+from corex_cxr.errors import DataError, printable
 from corex_cxr.images import PICTURE_SUFFIXES
 from corex_cxr.metadata import Meta, from_columns, from_header
 from corex_cxr.siim import parse_boxes, read_csv
@@ -112,15 +112,25 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 
 
 def unlabelled_images(root: Path) -> tuple[list[Sample], list[dict[str, Any]]]:
-    """Every image file under ``root`` as an unlabelled study of its own; no pixel is read."""
+    """Every image file under ``root`` as an unlabelled study of its own; no pixel is read.
+
+    The image id is the path relative to ``root`` as :func:`~corex_cxr.errors.printable` text, so a
+    name that is not valid UTF-8 (``scan\\xff.png``) travels through the cache, the batches and every
+    file written about it; two files whose ids would be the same are a problem (the second is named).
+    """
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
-        raise ValueError(f"root {str(root)!r} holds no .png, .jpg, .jpeg or .dcm file (searched recursively).")
-    samples = []
+        raise ValueError(f"root {printable(root)!r} holds no .png, .jpg, .jpeg or .dcm file (searched recursively).")
+    samples, problems, seen = [], [], {}
     for path in paths:
-        image_id = path.relative_to(root).as_posix()
+        image_id = printable(path.relative_to(root).as_posix())
+        if image_id in seen:
+            problems.append({"path": printable(path), "reason": f"its name reads {image_id!r} as text, as that of "
+                             f"{printable(seen[image_id])} does (a name that is not valid UTF-8?); rename one of them"})
+            continue
+        seen[image_id] = path
         samples.append(Sample(image_id, image_id, image_id, path, UNLABELLED, False, (), header_meta(path)))
-    return samples, []
+    return samples, problems
 
 
 def header_meta(path: Path) -> Meta:
@@ -156,7 +166,7 @@ def scan_folder(
                 first = merged[image_id]["line"]
                 raise ValueError(f"label, study or patient differs from line {first} for the same image")
         except ValueError as error:
-            problems.append({"path": str(csv_path), "reason": f"line {line} ({image_id!r}): {error}"})
+            problems.append({"path": printable(csv_path), "reason": f"line {line} ({image_id!r}): {error}"})
             bad_images.add(image_id)
             continue
         entry = merged.setdefault(image_id, {"fields": fields, "boxes": [], "line": line, "meta": from_columns(row)})
@@ -169,7 +179,7 @@ def scan_folder(
         path = Path(image_id) if Path(image_id).is_absolute() else root / image_id
         if not path.is_file():
             reason = f"file listed on line {entry['line']} of {csv_path.name} does not exist"
-            problems.append({"path": str(path), "reason": reason})
+            problems.append({"path": printable(path), "reason": reason})
             continue
         label, study, patient = entry["fields"]
         meta = entry["meta"].merged(header_meta(path))

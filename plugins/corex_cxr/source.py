@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corex.progress import log
 from corex.rundir import write_json
-from corex_cxr.cache import RESIZE, CachedImages, CachedItem, CacheBuild, Decoder, build_cache, cache_settings, cached_errors
+from corex_cxr.cache import FULL_SCALE, RESIZE, CachedImages, CachedItem, CacheBuild, Decoder, build_cache, cache_settings, cached_errors
 from corex_cxr.dicom import PERCENTILES, Box, transform_boxes
-from corex_cxr.errors import DataError
+from corex_cxr.errors import DataError, printable, printable_problems
 from corex_cxr.images import read_image
 from corex_cxr.metadata import Meta, subgroup_counts
 from corex_cxr.options import CLASS_NAMES, BadSamplePolicy
@@ -48,6 +48,9 @@ from corex_cxr.splits import (
 )
 
 MAX_IMAGE_SIZE = 4096  # the recipe's own limit too (corex.recipe.IMAGE_SIZES)
+INTENSITY_IMAGES = 256  # images per split sampled (evenly) for describe()["intensity"]
+INTENSITY_SIDE = 128  # each read at most this many pixels a side (a regular subsample)
+PERCENTILES_REPORTED = (1, 5, 25, 50, 75, 95, 99)
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ class CxrSource:
             raise DataError.collected(self.location, problems)
         if not samples:
             raise DataError(self.location, "no usable images found")
-        self._samples, self._skipped = samples, list(problems)
+        self._samples, self._skipped = samples, printable_problems(problems)
         self._study_stratum = self._strata(self._samples)
         patient_studies: dict[str, set[str]] = defaultdict(set)
         for sample in self._samples:
@@ -163,7 +166,7 @@ class CxrSource:
             description=f"{self.name}: decoding to {self.image_size}px cache",
         )
         if build.errors:
-            problems = [{"path": str(paths[i]), "reason": reason} for i, reason in sorted(build.errors.items())]
+            problems = [{"path": printable(paths[i]), "reason": reason} for i, reason in sorted(build.errors.items())]
             if self.on_bad_sample == "error":
                 raise DataError.collected(self.location, problems)
             self._skipped.extend(problems)
@@ -173,7 +176,7 @@ class CxrSource:
             write_json(self.skipped_list, {"on_bad_sample": self.on_bad_sample, "skipped": self._skipped})
         else:
             self.skipped_list.unlink(missing_ok=True)  # an old list that no longer applies
-        print(self._summary(build), file=sys.stderr)
+        log(self._summary(build))  # under torch.distributed, rank 0 only
         return build
 
     @property
@@ -227,7 +230,8 @@ class CxrSource:
         multi-label source, studies positive for each class); ``subgroups``: per split, images per
         value of each metadata field; and ``unusable``: samples skipped for what the layout
         shows, and images that cannot be decoded as far as the cache knows (``not_checked``:
-        images it has not decoded yet)."""
+        images it has not decoded yet). Once the cache is built (:meth:`prepare`), ``intensity``:
+        per split, statistics of the decoded pixels (see :meth:`intensity`)."""
         summary: dict[str, Any] = {}
         for name in SPLITS:
             samples = self._in_split(name)
@@ -240,7 +244,33 @@ class CxrSource:
             }
         summary["subgroups"] = {name: subgroup_counts(s.meta for s in self._in_split(name)) for name in SPLITS}
         summary["unusable"] = self._unusable()
+        if self._cache is not None:
+            summary["intensity"] = {name: self.intensity(name) for name in SPLITS}
         return summary
+
+    def intensity(self, name: str) -> dict[str, Any]:
+        """Statistics of the decoded pixels (``[0, 1]``) of split ``name``, for comparing sources: ``mean``,
+        ``sd`` and percentiles ``p1`` ... ``p99`` over up to ``INTENSITY_IMAGES`` images taken evenly
+        through the split, each read on a regular grid of at most ``INTENSITY_SIDE`` pixels a side, the
+        zero padding around a non-square image left out; ``images`` says how many were read."""
+        import numpy as np
+
+        cache = self.prepare()
+        samples = [s for s in self._in_split(name) if s.image_id in cache.slots]
+        if not samples:
+            return {"images": 0}
+        chosen = [samples[i] for i in np.linspace(0, len(samples) - 1, min(INTENSITY_IMAGES, len(samples))).round().astype(int)]
+        pixels = np.load(cache.array, mmap_mode="r")
+        step = max(1, self.image_size // INTENSITY_SIDE)
+        values = []
+        for sample in chosen:
+            _, pad_x, pad_y = cache.geometry[sample.image_id]
+            image = pixels[cache.slots[sample.image_id], pad_y : self.image_size - pad_y : step, pad_x : self.image_size - pad_x : step]
+            values.append(np.asarray(image, dtype=np.float64).ravel())
+        flat = np.concatenate(values) / FULL_SCALE
+        stats = {"images": len(chosen), "mean": float(flat.mean()), "sd": float(flat.std())}
+        stats.update({f"p{q}": float(v) for q, v in zip(PERCENTILES_REPORTED, np.percentile(flat, PERCENTILES_REPORTED))})
+        return stats
 
     def _class_counts(self, samples: list[Sample], study_label: dict[str, int]) -> dict[str, int]:
         if not self.multilabel:

@@ -11,6 +11,10 @@
 * ``localization``: where the classifier looks: Grad-CAM of the true class against the opacity
   masks (pointing game, share of saliency inside the mask), with intervals and an overlay gallery.
   It sets ``needs_model``, so the engine hands it the model as well as the outputs.
+* ``multilabel``: multi-label data (NIH ChestX-ray14, CheXpert): per-label AUROC, AP and F1 at
+  per-label thresholds chosen on the validation split, their macro averages, intervals over patients.
+* ``knn``: a weighted cosine kNN classifier on the encoder's pooled features, fitted on the training
+  split (``LearnsFromTraining``): judges an encoder without fine-tuning, e.g. right after pre-training.
 
 Building blocks other plugins may use: :mod:`corex_eval.average_precision` (VOC 2010 AP and
 ``study_map`` under bootstrap weightings), :mod:`corex_eval.bootstrap` (the patient-cluster
@@ -39,12 +43,17 @@ def classification_evaluator(
     calibration_bins: int = 15,
     seed: int = 0,
     split: str = "test",
+    ready_recall: float = 0.8,
+    confidence: float = 0.95,
+    target_accuracy: float = 0.95,
 ) -> Evaluator:
-    """Classification metrics, calibration and figures (see :class:`corex_eval.classification.ClassificationEvaluator`)."""
+    """Classification metrics, calibration, selective prediction and figures (see
+    :class:`corex_eval.classification.ClassificationEvaluator`)."""
     from corex_eval.classification import ClassificationEvaluator
 
     return ClassificationEvaluator(class_names=class_names, head=head, level=level, bootstrap=bootstrap,
-                                   calibration_bins=calibration_bins, seed=seed, split=split)
+                                   calibration_bins=calibration_bins, seed=seed, split=split, ready_recall=ready_recall,
+                                   confidence=confidence, target_accuracy=target_accuracy)
 
 
 def segmentation_evaluator(
@@ -72,12 +81,69 @@ def localization_evaluator(
     bootstrap: int = 1000,
     seed: int = 0,
     split: str = "test",
+    faithfulness_steps: int = 10,
 ) -> Evaluator:
-    """Grad-CAM of the true class against the opacity masks (see :class:`corex_eval.localization.LocalizationEvaluator`)."""
+    """Grad-CAM of the true class against the opacity masks, next to a fixed-point prior and a uniform map, and
+    its deletion and insertion curves (see :class:`corex_eval.localization.LocalizationEvaluator`)."""
     from corex_eval.localization import LocalizationEvaluator
 
     return LocalizationEvaluator(class_names=class_names, head=head, level=level, max_examples=max_examples,
-                                 bootstrap=bootstrap, seed=seed, split=split)
+                                 bootstrap=bootstrap, seed=seed, split=split, faithfulness_steps=faithfulness_steps)
+
+
+def multilabel_evaluator(
+    *,
+    class_names: Sequence[str],
+    head: str = "classification",
+    level: Literal["study", "image"] = "study",
+    threshold: float | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    split: str = "test",
+) -> Evaluator:
+    """Per-label AUROC, AP and F1 of multi-label data (see :class:`corex_eval.multilabel.MultilabelEvaluator`)."""
+    from corex_eval.multilabel import MultilabelEvaluator
+
+    return MultilabelEvaluator(class_names=class_names, head=head, level=level, threshold=threshold, bootstrap=bootstrap,
+                               seed=seed, split=split)
+
+
+def knn_evaluator(
+    *,
+    class_names: Sequence[str],
+    k: int = 20,
+    temperature: float = 0.07,
+    level: Literal["study", "image"] = "study",
+    bootstrap: int = 1000,
+    seed: int = 0,
+    split: str = "test",
+) -> Evaluator:
+    """Weighted cosine kNN on the encoder's pooled features (see :class:`corex_eval.knn.KnnEvaluator`)."""
+    from corex_eval.knn import KnnEvaluator
+
+    return KnnEvaluator(class_names=class_names, k=k, temperature=temperature, level=level, bootstrap=bootstrap, seed=seed,
+                        split=split)
+
+
+def subgroups_evaluator(
+    *,
+    class_names: Sequence[str],
+    head: str = "classification",
+    level: Literal["study", "image"] = "study",
+    fields: tuple[str, ...] = ("age_band", "sex", "view", "manufacturer", "modality", "portable"),
+    min_studies: int = 20,
+    bootstrap: int = 1000,
+    alpha: float = 0.05,
+    correction: Literal["holm", "bonferroni"] = "holm",
+    seed: int = 0,
+    split: str = "test",
+) -> Evaluator:
+    """Headline classification metrics per subgroup of the DICOM header metadata, against the rest of the split,
+    Holm-corrected (see :class:`corex_eval.subgroups.SubgroupEvaluator`)."""
+    from corex_eval.subgroups import SubgroupEvaluator
+
+    return SubgroupEvaluator(class_names=class_names, head=head, level=level, fields=fields, min_studies=min_studies,
+                             bootstrap=bootstrap, alpha=alpha, correction=correction, seed=seed, split=split)
 
 
 @hookimpl
@@ -86,6 +152,9 @@ def corex_evaluators():
         "classification": classification_evaluator,
         "segmentation": segmentation_evaluator,
         "localization": localization_evaluator,
+        "multilabel": multilabel_evaluator,
+        "knn": knn_evaluator,
+        "subgroups": subgroups_evaluator,
     }
 
 
@@ -114,6 +183,9 @@ __getattr__ = lazy_exports(__name__, {
     "ClassificationEvaluator": "corex_eval.classification",
     "SegmentationEvaluator": "corex_eval.segmentation",
     "LocalizationEvaluator": "corex_eval.localization",
+    "MultilabelEvaluator": "corex_eval.multilabel",
+    "KnnEvaluator": "corex_eval.knn",
+    "SubgroupEvaluator": "corex_eval.subgroups",
     "average_precision": "corex_eval.average_precision",
     "study_map": "corex_eval.average_precision",
     "slug": "corex_eval.artefacts",
@@ -126,8 +198,11 @@ __getattr__ = lazy_exports(__name__, {
 })
 __all__ = [
     "ClassificationEvaluator",
+    "KnnEvaluator",
     "LocalizationEvaluator",
+    "MultilabelEvaluator",
     "SegmentationEvaluator",
+    "SubgroupEvaluator",
     "READY_RECALL",
     "average_precision",
     "classification_evaluator",
@@ -136,9 +211,12 @@ __all__ = [
     "corex_findings",
     "corex_metrics",
     "grad_cam",
+    "knn_evaluator",
     "localization_evaluator",
+    "multilabel_evaluator",
     "save_figure",
     "segmentation_evaluator",
+    "subgroups_evaluator",
     "slug",
     "stage_findings",
     "study_map",

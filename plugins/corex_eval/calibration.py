@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 from torch.nn.functional import one_hot
 
+from corex_eval.rules import SANE_TEMPERATURE
 
-# Fitted temperatures outside this range are reported with a warning.
-EXTREME = (0.05, 20.0)
+
+# Fitted temperatures outside this range are reported with a warning (and the findings say so).
+EXTREME = SANE_TEMPERATURE  # corex_eval.rules
 
 
 def unit_probabilities(logits: Tensor, unit: Tensor, units: int, temperature: float | Tensor = 1.0) -> Tensor:

@@ -21,14 +21,20 @@ import torchmetrics.functional.classification as tmf
 from torch import Tensor
 from torch.nn.functional import one_hot
 
+from corex.rundir import write_json
 from corex_eval.artefacts import number, slug, write_csv
 from corex_eval.average_precision import average_precision_per_class
 from corex_eval.bootstrap import cluster_index, percentile_intervals, resample_blocks
 from corex_eval.calibration import fit_temperature, unit_probabilities, weighted_brier, weighted_ece
+from corex_eval.exact import clopper_pearson
 from corex_eval.figures import plot_confusion, plot_precision_recall, plot_reliability, plot_roc
+from corex_eval.rules import CONFIDENCE, COVERAGES, READY_RECALL, SANE_TEMPERATURE, SETTINGS_FILE, TARGET_ACCURACY
+from corex_eval.selective import aurc, coverage_at_accuracy, oracle_aurc, plot_risk_coverage, selective_accuracy
 
 INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "study_map", "ece", "brier")
 CALIBRATED_METRICS = ("ece/calibrated", "brier/calibrated")
+SELECTIVE_AT = {f"selective/accuracy_at_{round(100 * share)}": share for share in COVERAGES}
+SELECTIVE_INTERVALS = ("selective/aurc", "selective/e_aurc", *SELECTIVE_AT)
 
 
 class ClassificationEvaluator:
@@ -42,9 +48,10 @@ class ClassificationEvaluator:
 
     Metrics (:meth:`compute`), all over the scored studies (or images):
 
-    * ``accuracy``; ``balanced_accuracy``, the mean recall over classes (macro recall);
-      ``macro_f1`` and ``f1/<class>``. Following torchmetrics, the macro averages leave out a
-      class that appears in neither the targets nor the predictions.
+    * ``accuracy``; ``balanced_accuracy``, the mean recall over the classes present in the labels
+      (as scikit-learn: a class that is only predicted is left out); ``macro_f1`` and
+      ``f1/<class>``. Following torchmetrics, macro-F1 leaves out a class that appears in neither
+      the targets nor the predictions.
     * ``auroc``: macro one-vs-rest AUROC, and ``auroc/<class>``. A class without positive (or
       without negative) samples has no AUROC: it is ``nan`` and left out of the macro average,
       with a warning naming it.
@@ -77,6 +84,18 @@ class ClassificationEvaluator:
     with replacement and takes all their studies, as a patient's studies are not independent;
     without patient ids each study is its own patient.
 
+    Selective prediction (:mod:`corex_eval.selective`), from the calibrated probabilities when a
+    temperature was fitted within ``SANE_TEMPERATURE`` (else the raw ones): ``selective/aurc``, the
+    area under the risk-coverage curve of the top-class probability, ``selective/e_aurc`` its
+    excess over an oracle that ranks every error last, ``selective/accuracy_at_90`` and ``_80``,
+    the accuracy among the 90% (80%) most confident studies, and ``selective/coverage_at_target``,
+    the largest share of studies that can be answered at ``target_accuracy``.
+
+    The deploy-readiness verdict's options, ``ready_recall`` (the bar every class's recall must
+    reach) and ``confidence`` (the level of the exact Clopper-Pearson recall intervals in
+    ``per_class.csv``), are written to ``classification.json`` with ``target_accuracy``, so that
+    the findings quote the settings the run used.
+
     ``split`` (supplied by the core) only labels the figures.
     """
 
@@ -90,6 +109,9 @@ class ClassificationEvaluator:
         calibration_bins: int = 15,
         seed: int = 0,
         split: str = "test",
+        ready_recall: float = READY_RECALL,
+        confidence: float = CONFIDENCE,
+        target_accuracy: float = TARGET_ACCURACY,
     ) -> None:
         slugs = [slug(name) for name in class_names]
         if len(slugs) < 2:
@@ -102,6 +124,12 @@ class ClassificationEvaluator:
             raise ValueError(f"bootstrap must be 0 (off) or a number of resamples, got {bootstrap}.")
         if calibration_bins < 1:
             raise ValueError(f"calibration_bins must be at least 1, got {calibration_bins}.")
+        if not 0.0 < ready_recall <= 1.0:
+            raise ValueError(f"ready_recall must lie in (0, 1], got {ready_recall}.")
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}.")
+        if not 0.0 < target_accuracy <= 1.0:
+            raise ValueError(f"target_accuracy must lie in (0, 1], got {target_accuracy}.")
         self.class_names = list(class_names)
         self.slugs = slugs
         self.head = head
@@ -110,6 +138,9 @@ class ClassificationEvaluator:
         self.calibration_bins = calibration_bins
         self.seed = seed
         self.split = split
+        self.ready_recall = ready_recall
+        self.confidence = confidence
+        self.target_accuracy = target_accuracy
         self.reset()
         self.reset_calibration()
 
@@ -186,6 +217,24 @@ class ClassificationEvaluator:
                 self._temperature = fit_temperature(units.logits, units.unit, units.labels)
         return self._temperature
 
+    @property
+    def selective_temperature(self) -> float | None:
+        """The temperature selective prediction ranks by: the fitted one when it is within
+        ``SANE_TEMPERATURE`` (outside it, it is no calibration), else ``None`` (raw probabilities)."""
+        temperature = self.temperature
+        if temperature is None or not SANE_TEMPERATURE[0] <= temperature <= SANE_TEMPERATURE[1]:
+            return None
+        return temperature
+
+    def _selective(self, probabilities: Tensor, labels: Tensor) -> dict[str, float]:
+        confidence, predicted = probabilities.max(1)
+        correct = predicted == labels
+        area = float(aurc(confidence, correct))
+        metrics = {"selective/aurc": area, "selective/e_aurc": area - float(oracle_aurc(correct))}
+        metrics |= {name: float(selective_accuracy(confidence, correct, share)) for name, share in SELECTIVE_AT.items()}
+        metrics["selective/coverage_at_target"] = coverage_at_accuracy(confidence, correct, self.target_accuracy)
+        return metrics
+
     # -- metrics ----------------------------------------------------------------------------------
 
     def compute(self) -> dict[str, float]:
@@ -194,6 +243,7 @@ class ClassificationEvaluator:
         calibrated = {} if temperature is None else {"temperature": temperature}
         if not units.ids:
             empty = {name: math.nan for name in self._metric_names()} | {"n": 0.0}
+            empty |= {name: math.nan for name in (*SELECTIVE_INTERVALS, "selective/coverage_at_target")}
             return empty | {name: math.nan for name in CALIBRATED_METRICS if calibrated} | calibrated
         probabilities, labels = units.probabilities(), units.labels
         k = self.num_classes
@@ -202,7 +252,9 @@ class ClassificationEvaluator:
         ap = average_precision_per_class(probabilities, labels)
         metrics = {
             "accuracy": tmf.multiclass_accuracy(probabilities, labels, k, average="micro"),
-            "balanced_accuracy": tmf.multiclass_accuracy(probabilities, labels, k, average="macro"),
+            # The mean recall over the classes present in the labels (as scikit-learn): a class only
+            # predicted has no recall, rather than a recall of 0.
+            "balanced_accuracy": tmf.multiclass_recall(probabilities, labels, k, average=None)[torch.bincount(labels, minlength=k) > 0].mean(),
             "macro_f1": tmf.multiclass_f1_score(probabilities, labels, k, average="macro"),
             **{f"f1/{name}": value for name, value in zip(self.slugs, f1)},
             "auroc": auroc.nanmean(),
@@ -216,6 +268,7 @@ class ClassificationEvaluator:
             tempered = units.probabilities(temperature)
             metrics["ece/calibrated"] = tmf.multiclass_calibration_error(tempered, labels, k, self.calibration_bins)
             metrics["brier/calibrated"] = (tempered - one_hot(labels, k)).pow(2).sum(1).mean()
+        metrics |= self._selective(units.probabilities(self.selective_temperature or 1.0), labels)
         return {name: float(value) for name, value in metrics.items()} | {"n": float(len(units.ids))} | calibrated
 
     def intervals(self) -> dict[str, tuple[float, float]]:
@@ -226,6 +279,8 @@ class ClassificationEvaluator:
         probabilities, labels = units.probabilities(), units.labels
         temperature = self.temperature
         tempered = None if temperature is None else units.probabilities(temperature)
+        confidence, predicted = units.probabilities(self.selective_temperature or 1.0).max(1)
+        correct = predicted == labels
         values: dict[str, list[Tensor]] = {}
         for counts in resample_blocks(units.clusters, self.bootstrap, self.seed):
             block = weighted_metrics(probabilities, labels, counts)
@@ -235,6 +290,10 @@ class ClassificationEvaluator:
             if tempered is not None:
                 block["ece/calibrated"] = weighted_ece(tempered, labels, counts, self.calibration_bins)
                 block["brier/calibrated"] = weighted_brier(tempered, labels, counts)
+            block["selective/aurc"] = aurc(confidence, correct, counts)
+            block["selective/e_aurc"] = block["selective/aurc"] - oracle_aurc(correct, counts)
+            for name, share in SELECTIVE_AT.items():
+                block[name] = selective_accuracy(confidence, correct, share, counts)
             for name, value in block.items():
                 values.setdefault(name, []).append(value)
         return percentile_intervals(values)
@@ -243,8 +302,8 @@ class ClassificationEvaluator:
 
     def save(self, out_dir: Path) -> None:
         """Write ``confusion_matrix.png``, ``reliability.png``, ``roc.png``, ``pr.png``,
-        ``per_class.csv`` and ``predictions.csv`` to ``out_dir`` (nothing when no labelled sample
-        was seen)."""
+        ``risk_coverage.png``, ``per_class.csv``, ``predictions.csv`` and the settings the findings
+        read, ``classification.json``, to ``out_dir`` (nothing when no labelled sample was seen)."""
         units = self._units(self._scored)
         if not units.ids:
             return
@@ -266,6 +325,12 @@ class ClassificationEvaluator:
                          out_dir / "reliability.png", calibrated)
         plot_roc(probabilities, labels, self.class_names, auroc, where, out_dir / "roc.png")
         plot_precision_recall(probabilities, labels, self.class_names, ap, where, out_dir / "pr.png")
+        selective_temperature = self.selective_temperature
+        ranked = units.probabilities(selective_temperature or 1.0)
+        ranking = ("calibrated probabilities, T = " + f"{selective_temperature:.2f}" if selective_temperature is not None
+                   else "uncalibrated probabilities")
+        plot_risk_coverage(ranked.max(1).values, ranked.argmax(1) == labels, where, self.level, ranking, COVERAGES,
+                           self.target_accuracy, out_dir / "risk_coverage.png")
 
         per_class = [
             tmf.multiclass_precision(predicted, labels, k, average=None),
@@ -274,14 +339,24 @@ class ClassificationEvaluator:
             auroc,
         ]
         support = torch.bincount(labels, minlength=k)
+        recalled = torch.bincount(labels[predicted == labels], minlength=k)
+        exact = [clopper_pearson(int(recalled[c]), int(support[c]), self.confidence) for c in range(k)]
+        # New columns go at the end: the recalled count and the exact interval of the recall.
         write_csv(
             out_dir / "per_class.csv",
-            ["class", "precision", "recall", "f1", "auroc", "support", "ap"],
+            ["class", "precision", "recall", "f1", "auroc", "support", "ap", "recalled", "recall_low", "recall_high"],
             [
-                [name, *(number(column[c]) for column in per_class), int(support[c]), number(ap[c])]
+                [name, *(number(column[c]) for column in per_class), int(support[c]), number(ap[c]), int(recalled[c]),
+                 number(exact[c][0]), number(exact[c][1])]
                 for c, name in enumerate(self.class_names)
             ],
         )
+        write_json(out_dir / SETTINGS_FILE, {
+            "level": self.level, "ready_recall": self.ready_recall, "confidence": self.confidence,
+            "recall_interval": "Clopper-Pearson (exact)", "target_accuracy": self.target_accuracy,
+            "coverages": list(COVERAGES), "temperature": self.temperature, "sane_temperature": list(SANE_TEMPERATURE),
+            "selective_ranking": ranking,
+        })
         # New columns go at the end, so readers of earlier files keep working.
         header = [f"{self.level}_id", "label", "predicted", *(f"p_{name}" for name in self.slugs)]
         extra = [] if units.patients is None else [[patient] for patient in units.patients]
@@ -385,10 +460,11 @@ def weighted_metrics(probabilities: Tensor, labels: Tensor, weights: Tensor) -> 
     # torchmetrics' macro convention: a class absent from targets and predictions is left out.
     seen = (support + predicted > 0).double()
     recall = (true_positive / support).nan_to_num(0.0)
+    present = (support > 0).double()  # balanced accuracy: recall over the classes present in the labels
     f1 = (2 * true_positive / (2 * true_positive + false_positive + false_negative)).nan_to_num(0.0)
     return {
         "accuracy": true_positive.sum(1) / weights.sum(1),
-        "balanced_accuracy": (recall * seen).sum(1) / seen.sum(1),
+        "balanced_accuracy": (recall * present).sum(1) / present.sum(1),
         "macro_f1": (f1 * seen).sum(1) / seen.sum(1),
         "auroc": weighted_auroc(probabilities, target, weights).nanmean(1),
     }

@@ -65,6 +65,28 @@ METRICS = (
     Metric("saliency_in_mask", "saliency inside the boxes"),
     Metric("mask_area", "box area (a uniform map's pointing-game hit rate)", higher_is_better=None),
     Metric("n_localized", "images with boxes scored", higher_is_better=None, bounds=None),
+    # multilabel
+    Metric("multilabel/auroc", "macro AUROC over findings", headline=True,
+           description="AUROC of each finding over its known labels, averaged over findings with a positive and a negative"),
+    Metric("multilabel/ap", "macro AP over findings", headline=True,
+           description="average precision (scikit-learn's) of each finding, averaged over findings with a positive and a negative"),
+    Metric("multilabel/f1", "macro F1 over findings", description="F1 of each finding at its threshold (F1-best on validation)"),
+    Metric("multilabel/labels", "findings in the macro averages", higher_is_better=None, bounds=None),
+    Metric("multilabel/n", "scored studies", higher_is_better=None, bounds=None),
+    Metric("multilabel/auroc/*", "AUROC of a finding"),
+    Metric("multilabel/ap/*", "average precision of a finding"),
+    Metric("multilabel/f1/*", "F1 of a finding at its threshold"),
+    # knn
+    Metric("knn/macro_f1", "kNN macro-F1", headline=True, description="macro-F1 of a weighted kNN vote on the encoder's pooled features"),
+    Metric("knn/accuracy", "kNN accuracy"),
+    Metric("knn/balanced_accuracy", "kNN balanced accuracy"),
+    Metric("knn/auroc", "kNN macro AUROC", headline=True,
+           description="one-vs-rest AUROC of the kNN vote probabilities (per-finding scores on multi-label data), averaged"),
+    Metric("knn/ap", "kNN macro AP", description="average precision of the kNN per-finding scores, averaged (multi-label data)"),
+    Metric("knn/auroc/*", "kNN AUROC of a finding"),
+    Metric("knn/ap/*", "kNN average precision of a finding"),
+    Metric("knn/n", "studies scored by kNN", higher_is_better=None, bounds=None),
+    Metric("knn/n_train", "training images in the kNN bank", higher_is_better=None, bounds=None),
 )
 
 # What each file an evaluator writes shows; {split} is the evaluate stage's split.
@@ -83,4 +105,11 @@ ARTEFACTS = {
                              "high) over the image, box outlines in green; a hit means the saliency maximum lies inside a box.",
     "per_class.csv": "Per class on the {split} split: support, precision, recall, F1, AUROC and AP.",
     "predictions.csv": "One row per scored study of the {split} split: its label, the predicted class and every class's probability.",
+    "multilabel_per_label.csv": "Per finding on the {split} split: positives, negatives and unknown labels, AUROC, AP, the "
+                                "decision threshold and where it comes from (F1-best on validation, fixed or the default "
+                                "0.5), and precision, recall and F1 at it.",
+    "multilabel_predictions.csv": "One row per scored study of the {split} split: every finding's probability and its label "
+                                  "(empty where unknown).",
+    "knn_predictions.csv": "One row per scored study of the {split} split: its label, the kNN prediction and every class's "
+                           "vote share (for multi-label data: every finding's score and label).",
 }

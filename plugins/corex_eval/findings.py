@@ -7,24 +7,28 @@ sentence quotes in the same form. Nothing here is written for one run: every sen
 applied to whatever metrics and artefacts the evaluate stage left.
 
 Deploy-readiness rule (stated in every report): a model is called ready only when every class
-reaches a test recall of at least ``READY_RECALL``; a missed finding of any class is a clinical
-error, so one weak class is enough to say no. Meeting the rule is not a clinical validation.
+reaches a test recall of at least the classification evaluator's ``ready_recall`` (default
+``READY_RECALL``); a missed finding of any class is a clinical error, so one weak class is enough to
+say no. Each recall is quoted with its exact interval (:mod:`corex_eval.sentences`). Meeting the
+rule is not a clinical validation.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
-from corex.metrics import Finding, stage_folder
+from corex.metrics import Finding, slug, stage_folder
+from corex_eval import sentences
+from corex_eval.external import external_findings
+from corex_eval.rules import CONFIDENCE, READY_RECALL
 
-READY_RECALL = 0.8
 CONFUSION_SHOWN = 0.10  # confusions at least this common are stated
 MAX_CONFUSIONS = 3
 
-RULE = (f"Deploy-readiness rule used here: every class must reach a test recall of at least {READY_RECALL:.2f} "
-        "(one weak class is enough to say no); meeting it is not a clinical validation.")
+RULE = sentences.rule(READY_RECALL, CONFIDENCE)  # with the default settings
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -63,24 +67,8 @@ def stage_findings(run_dir: Path, stage: str, result: dict[str, Any]) -> list[Fi
     level = "studies" if predictions and "study_id" in predictions[0] else "images"
     found: list[Finding] = []
 
-    recalls = {row["class"]: float(row["recall"]) for row in per_class if row.get("recall") not in (None, "", "nan")}
-    if recalls:
-        ready = [c for c, r in recalls.items() if r >= READY_RECALL]
-        worst = min(recalls, key=recalls.get)
-        best = max(recalls, key=recalls.get)
-        if not ready:
-            text = (f"No class reaches {READY_RECALL:.2f} recall on the {split} split (the best, {best}, reaches "
-                    f"{recalls[best]:.2f}): not ready to deploy.")
-            found.append(_finding(text, f"recall/{best}", recalls[best], "per_class.csv", stage, verdict=True, note=RULE))
-        elif len(ready) < len(recalls):
-            verb = "reaches" if len(ready) == 1 else "reach"
-            text = (f"{len(ready)} of {len(recalls)} classes {verb} {READY_RECALL:.2f} recall; {worst} falls short at "
-                    f"{recalls[worst]:.2f}: not ready to deploy.")
-            found.append(_finding(text, f"recall/{worst}", recalls[worst], "per_class.csv", stage, verdict=True, note=RULE))
-        else:
-            text = (f"Every class reaches {READY_RECALL:.2f} recall (the lowest, {worst}, {recalls[worst]:.2f}): the "
-                    "model meets this report's rule, which is not a clinical validation.")
-            found.append(_finding(text, f"recall/{worst}", recalls[worst], "per_class.csv", stage, verdict=True, note=RULE))
+    settings = sentences.classification_settings(folder)
+    found.extend(sentences.verdict_finding(per_class, settings, split, stage))
 
     if "macro_f1" in metrics:
         interval = intervals.get("macro_f1")
@@ -105,27 +93,15 @@ def stage_findings(run_dir: Path, stage: str, result: dict[str, Any]) -> list[Fi
         found.append(_finding(text, f"confusion/{true}/{pred}", share, "predictions.csv", stage))
 
     f1 = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("f1/")}
-    if len(f1) > 1:
-        hardest = min(f1, key=f1.get)
-        found.append(_finding(f"The hardest class is {hardest} (lowest F1, {f1[hardest]:.2f}).",
-                              f"f1/{hardest}", f1[hardest], "results.json", stage))
+    found.extend(sentences.hardest_finding(f1, stage))
 
     if "study_map" in metrics:
         found.append(_finding(f"Study-level mAP (the SIIM-FISABIO-RSNA study score) {metrics['study_map']:.3f}.",
                               "study_map", metrics["study_map"], "results.json", stage))
 
-    if "ece" in metrics and "ece/calibrated" in metrics:
-        also = [{"metric": "ece/calibrated", "value": metrics["ece/calibrated"], "source": "results.json"}]
-        detail = ""
-        if "temperature" in metrics:
-            also.append({"metric": "temperature", "value": metrics["temperature"], "source": "results.json"})
-            detail = f" (temperature {metrics['temperature']:.2f}, fitted on the validation split)"
-        text = f"ECE {metrics['ece']:.2f} before and {metrics['ece/calibrated']:.2f} after temperature scaling{detail}."
-        found.append(_finding(text, "ece", metrics["ece"], "results.json", stage, also))
-    elif "ece" in metrics:
-        text = (f"ECE {metrics['ece']:.2f}: the top-class confidence differs from the accuracy by about "
-                f"{100 * metrics['ece']:.0f} percentage points on average.")
-        found.append(_finding(text, "ece", metrics["ece"], "results.json", stage))
+    found.extend(sentences.calibration_finding(metrics, stage))
+    found.extend(sentences.selective_finding(metrics, intervals, settings, level, stage))
+    found.extend(sentences.subgroup_findings(folder, metrics, stage))
 
     if "pointing_game" in metrics:
         also, chance = [], ""
@@ -147,4 +123,72 @@ def stage_findings(run_dir: Path, stage: str, result: dict[str, Any]) -> list[Fi
         text = (f"On images without an opacity, {100 * metrics['fp_area/negative']:.1f}% of the image is predicted as "
                 "opacity on average.")
         found.append(_finding(text, "fp_area/negative", metrics["fp_area/negative"], "results.json", stage))
+    found.extend(sentences.localization_baseline_findings(metrics, intervals, split, stage))
+    found.extend(external_findings(run_dir, stage, result))
+    found.extend(multilabel_findings(folder, stage, split, metrics, intervals))
+    found.extend(knn_findings(folder, stage, split, metrics, intervals))
+    return found
+
+
+def _interval(intervals: dict[str, Any], name: str) -> str:
+    interval = intervals.get(name)
+    return f" (95% interval {interval[0]:.2f} to {interval[1]:.2f})" if interval else ""
+
+
+def multilabel_findings(folder: Path, stage: str, split: str, metrics: dict[str, Any], intervals: dict[str, Any]) -> list[Finding]:
+    """The ``multilabel`` evaluator's: the macro figures, the best and worst finding, where the thresholds came from."""
+    if "multilabel/auroc" not in metrics:
+        return []
+    found = []
+    per_label = read_csv(folder / "multilabel_per_label.csv")
+    predictions = read_csv(folder / "multilabel_predictions.csv")
+    level = "images" if predictions and "image_id" in predictions[0] else "studies"
+    count = f" over {int(metrics['multilabel/labels'])} findings" if "multilabel/labels" in metrics else ""
+    scored = f" of {int(metrics['multilabel/n'])} {level}" if "multilabel/n" in metrics else ""
+    also = [{"metric": "multilabel/ap", "value": metrics["multilabel/ap"], "source": "results.json"}] if "multilabel/ap" in metrics else []
+    ap = f" and macro AP {metrics['multilabel/ap']:.2f}{_interval(intervals, 'multilabel/ap')}" if also else ""
+    text = f"Macro AUROC {metrics['multilabel/auroc']:.2f}{_interval(intervals, 'multilabel/auroc')}{ap}{count}{scored} of the {split} split."
+    found.append(_finding(text, "multilabel/auroc", metrics["multilabel/auroc"], "results.json", stage, also))
+    names = {slug(row["label"]): row["label"] for row in per_label}
+    auroc = {k.split("/", 2)[2]: v for k, v in metrics.items() if k.startswith("multilabel/auroc/") and not math.isnan(v)}
+    if len(auroc) > 1:
+        best, worst = max(auroc, key=auroc.get), min(auroc, key=auroc.get)
+        text = (f"The best-separated finding is {names.get(best, best)} (AUROC {auroc[best]:.2f}), the worst "
+                f"{names.get(worst, worst)} (AUROC {auroc[worst]:.2f}).")
+        found.append(_finding(text, f"multilabel/auroc/{worst}", auroc[worst], "results.json", stage,
+                              [{"metric": f"multilabel/auroc/{best}", "value": auroc[best], "source": "results.json"}]))
+    sources = [row.get("threshold_from", "") for row in per_label]
+    if sources:
+        fitted = sources.count("validation F1")
+        if "fixed" in sources:
+            text = f"Every finding is called positive at the fixed threshold {float(per_label[0]['threshold']):.2f}."
+        elif fitted:
+            rest = len(sources) - fitted
+            tail = f"; {rest} at 0.5, without a validation positive" if rest else ""
+            text = f"Decision thresholds: {fitted} of {len(sources)} findings at the F1-best threshold on the validation split{tail}."
+        else:
+            text = "Every finding is called positive at 0.5: no validation data chose the thresholds (F1 is at 0.5)."
+        found.append(_finding(text, "thresholds/fitted", fitted, "multilabel_per_label.csv", stage))
+    return found
+
+
+def knn_findings(folder: Path, stage: str, split: str, metrics: dict[str, Any], intervals: dict[str, Any]) -> list[Finding]:
+    """The ``knn`` evaluator's: how well a kNN vote on the frozen encoder's features does, against chance."""
+    found = []
+    bank = f", {int(metrics['knn/n_train'])} training images voting" if "knn/n_train" in metrics else ""
+    if "knn/macro_f1" in metrics:
+        header = next(iter(read_csv(folder / "knn_predictions.csv")), {})
+        classes = sum(1 for column in header if column.startswith("p_"))
+        chance = f" (chance: {1 / classes:.2f})" if classes else ""
+        also = [{"metric": "knn/balanced_accuracy", "value": metrics["knn/balanced_accuracy"], "source": "results.json"}] \
+            if "knn/balanced_accuracy" in metrics else []
+        balanced = f" and balanced accuracy {metrics['knn/balanced_accuracy']:.2f}{chance}" if also else ""
+        text = (f"A weighted kNN vote on the encoder's pooled features, without fine-tuning{bank}, reaches macro-F1 "
+                f"{metrics['knn/macro_f1']:.2f}{_interval(intervals, 'knn/macro_f1')}{balanced} on the {split} split.")
+        found.append(_finding(text, "knn/macro_f1", metrics["knn/macro_f1"], "results.json", stage, also))
+    elif "knn/auroc" in metrics:
+        text = (f"A weighted kNN vote on the encoder's pooled features, without fine-tuning{bank}, reaches macro AUROC "
+                f"{metrics['knn/auroc']:.2f}{_interval(intervals, 'knn/auroc')} over the findings of the {split} split "
+                "(0.5 is chance).")
+        found.append(_finding(text, "knn/auroc", metrics["knn/auroc"], "results.json", stage))
     return found

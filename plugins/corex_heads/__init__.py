@@ -1,7 +1,8 @@
 """corex_heads: task heads on an encoder's feature pyramid.
 
 * ``classification``: study-level logits (negative / typical / indeterminate / atypical),
-  cross-entropy over labelled samples.
+  cross-entropy over labelled samples; with ``multilabel: true``, one logit per finding
+  (NIH ChestX-ray14, CheXpert) and binary cross-entropy over the known entries of ``labels``.
 * ``segmentation``: opacity mask logits from a U-Net decoder, BCE + soft Dice over samples with a
   mask.
 
@@ -31,12 +32,13 @@ def classification_head(
     class_weights: list[float] | None = None,
     label_smoothing: float = 0.0,
     feature_norm: bool = False,
+    multilabel: bool = False,
 ) -> Head:
-    """Study-level classification (see :class:`corex_heads.classification.ClassificationHead`)."""
+    """Study-level classification, single- or multi-label (see :class:`corex_heads.classification.ClassificationHead`)."""
     from corex_heads.classification import ClassificationHead
 
     return ClassificationHead(channels=channels, num_classes=num_classes, dropout=dropout, class_weights=class_weights,
-                              label_smoothing=label_smoothing, feature_norm=feature_norm)
+                              label_smoothing=label_smoothing, feature_norm=feature_norm, multilabel=multilabel)
 
 
 def segmentation_head(

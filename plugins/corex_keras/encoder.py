@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-INSTALL_HINT = "pip install keras-core==0.1.7"  # not "corex[keras]": another project on the public index is named corex
+INSTALL_HINT = 'pip install "corex-cxr[keras]"  (keras-core 0.1.7)'
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,19 @@ from corex.checkpoints import load_file
 from corex.errors import CorexError
 from corex.plugins import Registry
 from corex.recipe import Component, Recipe, bind_component, load_recipe
+from corex_predict.formats import MODEL_FORMAT, check_format, file_kind, parse_format
+from corex_predict.gate import GATE_FILE, InputGate, read_gate
 
-FORMAT = "corex-model/1"
+FORMAT = MODEL_FORMAT
+CHECKPOINT_FORMAT = "corex-checkpoint/1"  # what a run's checkpoints may name in a "format" entry (none do yet)
+# Data sources that draw their images instead of reading patients' (a source may also say so itself
+# with data.json's "provenance": {"synthetic": true}).
+SYNTHETIC_SOURCES = {
+    "phantom": "the corex phantom: synthetic chest radiographs drawn by corex_cxr, written in the SIIM-FISABIO-RSNA layout",
+    "toy": "corex.testing's toy data: bright squares on noise",
+}
+# Recipe data options that say how to read the data, not what the data are.
+MACHINERY_OPTIONS = ("name", "cache_dir", "workers", "batch_size", "root")
 ENCODER_FORMAT = "corex-encoder/1"
 INTENSITY = "float32 in [0, 1]: 0 = air (black), 1 = dense (white); MONOCHROME2 after modality and VOI LUTs"
 # Options that point at initial weights: the weights come from the model file instead.
@@ -135,6 +146,8 @@ def model_metadata(run_dir: Path, recipe: Mapping[str, Any], stage: str, state: 
             heads[name]["weight"] = weight  # ... and the loss weight it was last trained with
     encoder, encoder_options = _component(recipe["model"]["encoder"])
     data_info = rundir.read_json(run_dir / "data.json") if (run_dir / "data.json").is_file() else {}
+    if not isinstance(data_info, Mapping):
+        data_info = {}
     plugins = rundir.read_json(run_dir / "plugins.json") if (run_dir / "plugins.json").is_file() else []
     counted = [t for k, t in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     return {
@@ -156,7 +169,56 @@ def model_metadata(run_dir: Path, recipe: Mapping[str, Any], stage: str, state: 
         "normalization": plain(data_info.get("normalization")),
         "parameters": int(sum(t.numel() for t in counted)),
         "plugins": {str(row["name"]): row.get("version") for row in plugins if isinstance(row, Mapping) and "name" in row},
+        "training_data": training_data(recipe, data_info),
     }
+
+
+def training_data(recipe: Mapping[str, Any], data_info: Mapping[str, Any]) -> dict[str, Any]:
+    """Where the training data came from: the data source's name and options, whether it is
+    synthetic, its provenance and normalization (``data.json``) and its counts per split."""
+    data = dict(recipe.get("data") or {})
+    name = str(data.get("name"))
+    provenance = data_info.get("provenance")
+    normalization = data_info.get("normalization")
+    if isinstance(provenance, Mapping) and isinstance(provenance.get("synthetic"), bool):
+        synthetic = provenance["synthetic"]
+    else:
+        synthetic = name in SYNTHETIC_SOURCES or "synthetic" in yaml.safe_dump(plain(normalization)).lower()
+    splits = {}
+    for split in ("train", "val", "test"):
+        info = data_info.get(split)
+        if isinstance(info, Mapping):
+            splits[split] = {k: plain(info[k]) for k in ("studies", "images", "patients", "classes") if k in info}
+    out: dict[str, Any] = {
+        "source": name,
+        "options": plain({k: v for k, v in data.items() if k not in MACHINERY_OPTIONS}),
+        "location": plain(data.get("root")) if data.get("root") is not None else None,
+        "synthetic": bool(synthetic),
+        "splits": splits,
+    }
+    if synthetic:
+        out["synthetic_note"] = SYNTHETIC_SOURCES.get(name, "the data source describes its images as synthetic")
+    if provenance is not None:
+        out["provenance"] = plain(provenance)
+    if normalization is not None:
+        out["normalization"] = plain(normalization)
+    return out
+
+
+def find_gate(run_dir: Path, recipe: Mapping[str, Any], stage: str) -> Path | None:
+    """The input gate fitted for the model of ``stage``: ``RUN/<evaluate stage>/input_gate.pt`` of an
+    evaluate stage after ``stage`` and before the next stage that trains the model (the first found)."""
+    names = list(recipe.get("stages") or {})
+    if stage not in names:
+        return None
+    for name in names[names.index(stage) + 1:]:
+        spec = (recipe["stages"] or {}).get(name) or {}
+        if spec.get("kind", "train") != "evaluate":
+            break
+        path = Path(run_dir) / name / GATE_FILE
+        if path.is_file():
+            return path
+    return None
 
 
 # -- the loaded model ------------------------------------------------------------------------------
@@ -166,10 +228,22 @@ def model_metadata(run_dir: Path, recipe: Mapping[str, Any], stage: str, state: 
 class LoadedModel:
     """A model ready to predict: the :class:`~corex.engine.CorexModel` (eval mode) and its metadata."""
 
-    model: CorexModel
+    model: CorexModel | None
     meta: dict[str, Any]
     source: Path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    gate: InputGate | None = None
+    runtime: Any = None  # an exported graph (corex_predict.deploy.RuntimeModel) instead of the torch model
+
+    @property
+    def kind(self) -> str:
+        """``torch`` (a run directory or a ``.pt`` export), ``onnx`` or ``torchscript``."""
+        return "torch" if self.runtime is None else self.runtime.kind
+
+    @property
+    def network(self) -> Any:
+        """What to call as ``network(images, heads) -> {head: output}``: the torch model or the graph's adapter."""
+        return self.model if self.runtime is None else self.runtime
 
     @property
     def class_names(self) -> list[str]:
@@ -185,7 +259,7 @@ class LoadedModel:
 
     def head_for(self, task: str) -> str | None:
         """The head doing ``task`` (``classification``, ``segmentation``): the one named so, else the first."""
-        tasks = {name: getattr(head, "task", None) for name, head in self.model.heads.items()}
+        tasks = {name: getattr(head, "task", None) for name, head in self.network.heads.items()}
         if tasks.get(task) == task:
             return task
         return next((name for name, kind in tasks.items() if kind == task), None)
@@ -198,10 +272,31 @@ class LoadedModel:
 
     def to(self, device: str | torch.device) -> LoadedModel:
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        if self.runtime is not None:
+            self.runtime.to(self.device)
+            return self
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         return self
+
+    def require_torch(self, what: str) -> CorexModel:
+        """The torch model, or a message saying that ``what`` needs it."""
+        if self.model is None:
+            raise CorexError(f"{what} needs the torch model, and '{self.source}' is an exported {self.kind} graph; "
+                             "give the run directory or its .pt export (`corex export RUN model.pt`)")
+        return self.model
+
+    def score(self, images: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+        """The input gate's out-of-distribution scores of ``images`` (``None`` without a gate)."""
+        if self.gate is None:
+            return None
+        if self.runtime is not None:
+            return self.runtime.outputs(images).get("ood_score")
+        if features is None:
+            with torch.no_grad():
+                features = self.model.encoder(images)
+        return self.gate.score(features)
 
 
 def build_from_metadata(meta: Mapping[str, Any], where: str, registry: Registry | None = None) -> CorexModel:
@@ -262,16 +357,36 @@ def load_model(
     file that holds pickled objects (refused unread) or an encoder-only export.
     """
     path = Path(path).expanduser()
+    gate = None
     if path.is_dir():
         meta, state = run_model(path, stage)
+        gate = _run_gate(path, meta)
     elif not path.exists():
         raise CorexError(f"model '{path}' does not exist (give a run directory or a file written by `corex export`)")
+    elif path.is_file() and file_kind(path) in ("onnx", "torchscript"):
+        from corex_predict.deploy import load_graph
+
+        runtime = load_graph(path, file_kind(path))
+        if stage is not None and stage != runtime.meta.get("stage"):
+            raise CorexError(f"'{path}' holds the model of stage '{runtime.meta.get('stage')}', not '{stage}'")
+        gate = InputGate.from_state(runtime.meta["input_gate"], f"'{path}'") if runtime.meta.get("input_gate") else None
+        return LoadedModel(None, runtime.meta, path, gate=gate, runtime=runtime).to(device)
     else:
-        meta, state = _from_file(path, stage)
+        meta, state, gate = _from_file(path, stage)
     model = build_from_metadata(meta, f"model '{path}'", registry)
     _load_state(model, state, f"model '{path}'")
     model.eval()
-    return LoadedModel(model, meta, path).to(device)
+    return LoadedModel(model, meta, path, gate=gate).to(device)
+
+
+def _run_gate(run_dir: Path, meta: dict[str, Any]) -> InputGate | None:
+    """The run's gate for the loaded stage (and its summary into ``meta``)."""
+    found = find_gate(run_dir, read_run_recipe(run_dir), meta["stage"])
+    if found is None:
+        return None
+    gate = read_gate(found)
+    meta["input_gate"] = {**gate.summary(), "file": str(found.relative_to(run_dir))}
+    return gate
 
 
 def run_model(run_dir: Path, stage: str | None, checkpoint_path: Path | None = None) -> tuple[dict[str, Any], Mapping[str, torch.Tensor]]:
@@ -281,28 +396,35 @@ def run_model(run_dir: Path, stage: str | None, checkpoint_path: Path | None = N
         stage = pick_stage(run_dir, recipe, stage)
         checkpoint_path = run_dir / "checkpoints" / stage / "model.pt"
     checkpoint = read_torch_file(checkpoint_path)
+    if isinstance(checkpoint, Mapping) and "format" in checkpoint:
+        check_format(checkpoint["format"], CHECKPOINT_FORMAT, f"'{checkpoint_path}'", checkpoint.get("corex_version"))
     if not isinstance(checkpoint, Mapping) or not _is_state_dict(checkpoint.get("model")):
         raise CorexError(f"'{checkpoint_path}' is not a corex checkpoint (no 'model' state dict)")
     state = checkpoint["model"]
     return model_metadata(run_dir, recipe, stage, state, checkpoint), state
 
 
-def _from_file(path: Path, stage: str | None) -> tuple[dict[str, Any], Mapping[str, torch.Tensor]]:
+def _from_file(path: Path, stage: str | None) -> tuple[dict[str, Any], Mapping[str, torch.Tensor], InputGate | None]:
     payload = read_torch_file(path)
     if isinstance(payload, Mapping) and isinstance(payload.get("meta"), Mapping) and isinstance(payload.get("model"), Mapping):
         meta = dict(payload["meta"])
-        if meta.get("format") != FORMAT:
-            raise CorexError(f"'{path}' is a {meta.get('format')!r} file; this corex reads {FORMAT!r}")
+        check_format(meta.get("format"), FORMAT, f"'{path}'", meta.get("corex_version"))
+        if payload.get("format") != meta.get("format"):
+            check_format(payload.get("format"), FORMAT, f"'{path}'", meta.get("corex_version"))
         if not _is_state_dict(payload["model"]) or not _complete(meta):
             raise CorexError(f"'{path}' is an incomplete or damaged corex model file; export it again with `corex export`")
         if stage is not None and stage != meta.get("stage"):
             raise CorexError(f"'{path}' holds the model of stage '{meta.get('stage')}', not '{stage}'")
-        return meta, payload["model"]
+        gate = InputGate.from_state(payload["gate"], f"'{path}'") if payload.get("gate") is not None else None
+        return meta, payload["model"], gate
+    if isinstance(payload, Mapping) and "format" in payload and "meta" not in payload and parse_format(payload.get("format")) is not None:
+        check_format(payload["format"], FORMAT, f"'{path}'")
     # A checkpoint inside a run directory: RUN/checkpoints/STAGE/{model,best,last}.pt
     if isinstance(payload, Mapping) and isinstance(payload.get("model"), Mapping):
         run_dir = path.resolve().parents[2] if len(path.resolve().parents) > 2 else None
         if run_dir is not None and (run_dir / "recipe.yaml").is_file():
-            return run_model(run_dir, path.parent.name, checkpoint_path=path)
+            meta, state = run_model(run_dir, path.parent.name, checkpoint_path=path)
+            return meta, state, _run_gate(run_dir, meta)
         raise CorexError(f"'{path}' is a corex checkpoint outside its run directory; load the run directory, or export it with `corex export`")
     if isinstance(payload, Mapping) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
         raise CorexError(

@@ -1,11 +1,13 @@
 """corex_study: studies over arms, seeds and label fractions; paired comparisons; deploy-readiness reports.
 
 * ``corex study RECIPE... --seeds 0 1 2 3 4 --label-fractions 1.0 0.1 --out runs/study``: every
-  arm x seed x fraction, pre-training shared across arms and fractions, resumable
-  (:mod:`corex_study.study`); ends with the comparison and the study report.
-* ``corex compare RUN_OR_STUDY_DIR... [--baseline RECIPE] [--metric macro_f1] [--out DIR]``: the
-  headline test metrics per arm and paired differences to a baseline, Holm-corrected
-  (:mod:`corex_study.compare`, statistics in :mod:`corex_study.stats`).
+  arm x seeds x fraction (data and training seeds apart with ``--data-seeds``/``--train-seeds``),
+  pre-training shared across arms and fractions, equal optimisation steps at every fraction,
+  resumable, ``--jobs N`` runs at once or a Ray cluster (:mod:`corex_study.study`,
+  :mod:`corex_study.executors`); ends with the comparison and the study report.
+* ``corex compare RUN_OR_STUDY_DIR... [--baseline ARM] [--metric NAME] [--out DIR]``: the
+  headline test metrics per arm and paired differences to a baseline, Holm-corrected, with power and
+  variance components (:mod:`corex_study.compare`, statistics in :mod:`corex_study.stats`).
 * After every run with an evaluate stage (the ``corex_run_end`` hook), report.html, report.md and
   report.json in the run directory (:func:`write_report`, findings in :mod:`corex_study.findings`).
 
@@ -47,7 +49,13 @@ def corex_cli(commands):
                     "the same command again to continue. Ends by writing compare.md/csv/png and report.html.",
     )
     study.add_argument("recipes", nargs="+", metavar="RECIPE", help="one recipe per arm (the arm is the file name)")
-    study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    seeds = study.add_argument_group("seeds", "the data seed draws the phantom, the split and the label subset (data.seed); "
+                                              "the training seed the initialisation, batch order and augmentation (seed)")
+    seeds.add_argument("--seeds", type=int, nargs="+", help="equal data and training seeds, one run per seed (default 0 1 2 3 4)")
+    seeds.add_argument("--data-seeds", type=int, nargs="+", metavar="D", help="data seeds (default 0 when --train-seeds is given)")
+    seeds.add_argument("--train-seeds", type=int, nargs="+", metavar="T", help="training seeds (default 0 when --data-seeds is given)")
+    seeds.add_argument("--pairing", choices=["crossed", "paired"], default="crossed",
+                       help="crossed: every data seed with every training seed (default); paired: the i-th with the i-th")
     study.add_argument("--label-fractions", type=float, nargs="+", default=[1.0, 0.1])
     study.add_argument("--out", type=Path, default=Path("runs/study"), help="the study directory (default runs/study)")
     study.add_argument("--arms", nargs="+", metavar="NAME", help="only these arms (recipe file names without .yaml)")
@@ -56,9 +64,17 @@ def corex_cli(commands):
     study.add_argument("--no-reduce-val", dest="reduce_val", action="store_false",
                        help="select models on the full validation split even with a label fraction below 1")
     study.add_argument("--no-equal-steps", dest="equal_steps", action="store_false",
-                       help="do not lengthen training at label fraction f to epochs / f (equal optimisation steps)")
-    study.add_argument("--baseline", help="the arm (file name) or recipe name to compare against (default: the first arm)")
-    study.add_argument("--metric", default="macro_f1", help="the test metric to compare (default macro_f1)")
+                       help="do not give a label fraction below 1 the optimisation steps (and warm-up) of fraction 1")
+    study.add_argument("--baseline", help="the arm to compare against: its file name, recipe name or compare label (default: the first arm)")
+    study.add_argument("--metric", help="the test metric to compare (default: the first headline metric the plugins declare)")
+    where = study.add_argument_group("where runs execute")
+    where.add_argument("--jobs", type=int, help="runs at once (default 1: in this process; N: N worker processes, "
+                                                "torch threads divided between them)")
+    where.add_argument("--devices", help="GPUs for the runs at once, e.g. cuda:0,cuda:1: each run gets its own (default --jobs: their number)")
+    where.add_argument("--executor", choices=["local", "ray"], default="local", help="local processes (default) or tasks of a Ray cluster")
+    where.add_argument("--address", help="--executor ray: the cluster's address (default auto: the cluster this machine belongs to)")
+    where.add_argument("--cpus-per-run", type=float, help="CPUs (torch threads) per run (ray default 1; local default cores // jobs)")
+    where.add_argument("--gpus-per-run", type=float, help="--executor ray: GPUs per run (default 0)")
     study.set_defaults(handler=_study)
 
     compare = commands.add_parser(
@@ -67,8 +83,9 @@ def corex_cli(commands):
                     "and test each arm against the baseline, paired by seed and by test study, Holm-corrected.",
     )
     compare.add_argument("paths", nargs="+", type=Path, metavar="RUN_OR_STUDY_DIR")
-    compare.add_argument("--baseline", help="the recipe name of the baseline arm (default: the first in alphabetical order)")
-    compare.add_argument("--metric", default="macro_f1", help="the test metric to compare (default macro_f1)")
+    compare.add_argument("--baseline", help="the baseline arm: its label, recipe name, or file name in a study "
+                                             "(default: the first label in alphabetical order)")
+    compare.add_argument("--metric", help="the test metric to compare (default: the first headline metric the plugins declare)")
     compare.add_argument("--out", type=Path, help="write compare.md/csv/png/json and report.html here "
                                                  "(default: the directory given, when there is one)")
     compare.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples (default 2000)")

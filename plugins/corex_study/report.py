@@ -221,10 +221,20 @@ def _maybe_float(text: str) -> Any:
 
 
 def comparison_findings(comparison: dict[str, Any]) -> list[dict[str, Any]]:
-    """One finding per paired difference: its mean and every paired interval (by seed, by test study) behind the
-    conclusion, so a reader sees which one leaves 0 inside."""
+    """The study's findings: one per paired difference (its mean, every paired interval behind the conclusion, by
+    seed and by test study, so a reader sees which one leaves 0 inside, and the seeds 80% power would need), and one
+    per degenerate arm, naming its degenerate runs and why."""
+    from corex_study.compare import degenerate_text
+
     metric = comparison["metric"]
     found = []
+    for arm in comparison["arms"]:
+        if arm.get("degenerate"):
+            entries = arm["degenerate"]
+            text = (f"{arm['label']} at label fraction {arm['label_fraction']:g} is degenerate in {len(entries)} of {len(arm['seeds'])} "
+                    f"runs: {degenerate_text(entries)}.")
+            found.append({"text": text, "metric": f"degenerate/{arm['label']}@{arm['label_fraction']:g}", "value": float(len(entries)),
+                          "source": "compare.json", "stage": "", "also": []})
     for d in comparison["differences"]:
         tests = [(name, label, d[name]) for name, label in (("by_seed", "by seed"), ("by_study", "by test study")) if d[name]]
         if not tests:
@@ -232,34 +242,40 @@ def comparison_findings(comparison: dict[str, Any]) -> list[dict[str, Any]]:
         quoted, _, shown = tests[-1]  # the by-study mean when there is one: it is the value checked against compare.json
         intervals = "; ".join(f"{label} {t['low']:+.3f} to {t['high']:+.3f} (Holm p {_p_value(t['p_holm'])} over {t['comparisons']} "
                               f"comparison{'s' if t['comparisons'] != 1 else ''})" for _, label, t in tests)
-        text = (f"{d['recipe']} at label fraction {d['label_fraction']:g}: {shown['mean']:+.3f} {metric} against "
+        text = (f"{d['arm']} at label fraction {d['label_fraction']:g}: {shown['mean']:+.3f} {metric} against "
                 f"{comparison['baseline']}, 95% intervals {intervals}: {d['conclusion']}.")
-        found.append({"text": text, "metric": f"{quoted}/{d['recipe']}@{d['label_fraction']:g}/{metric}",
+        power = d.get("power")
+        if power and power.get("needed"):
+            text += (f" At the observed sd of {power['sd']:.3f} over {power['n']} {power['units']}, a paired t test at "
+                     f"Holm's first-step level {power['alpha']:.4g} has power {power['power_now']:.2f}; {power['target']:.0%} "
+                     f"power needs {power['needed']} {str(power['units']).split(' (')[0]}.")
+        found.append({"text": text, "metric": f"{quoted}/{d['arm']}@{d['label_fraction']:g}/{metric}",
                       "value": shown["mean"], "source": "compare.json", "stage": "", "also": []})
     return found
 
 
 def _p_value(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+    return "–" if math.isnan(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def write_study_report(study_dir: str | Path, comparison: dict[str, Any]) -> dict[str, Any]:
     """report.html, report.md and report.json of a comparison (written by ``corex study`` / ``compare --out``)."""
-    from corex_study.compare import arms_table, differences_table
+    from corex_study.compare import arms_table, differences_table, variance_table
 
     study_dir = Path(study_dir)
     findings = comparison_findings(comparison)
-    detected = [d for d in comparison["differences"] if d["conclusion"].startswith(("higher", "lower"))]
+    detected = [d for d in comparison["differences"] if d.get("detected")]
     doc = Document(f"Study report: test {comparison['metric']} across arms")
     doc.heading("Findings")
     if comparison["differences"]:
         total = len(comparison["differences"])
         summary = (f"{len(detected)} of {total} paired differences against {comparison['baseline']} "
-                   f"{'is' if len(detected) == 1 else 'are'} detectable after Holm correction"
-                   + ("; the others show no detectable difference at this size." if len(detected) < total else "."))
+                   f"{'is' if len(detected) == 1 else 'are'} detected after Holm correction"
+                   + ("; for the others each row names the test that did not reject." if len(detected) < total else "."))
         doc.paragraph(summary, "verdict")
-    doc.paragraph("A difference counts as detected only when every paired 95% interval (by seed, and by test study where "
-                  "predictions allow) excludes 0 and its Holm-adjusted p-value is below 0.05.", "rule")
+    doc.paragraph("A difference counts as detected only when both paired tests reject: by seed and by test study (where "
+                  "predictions allow), each 95% interval excluding 0 and each Holm-adjusted p-value below 0.05. Requiring both "
+                  "is an intersection-union test.", "rule")
     doc.items([f["text"] for f in findings])
     doc.heading("Arms")
     doc.pipe_table(arms_table(comparison))
@@ -269,6 +285,10 @@ def write_study_report(study_dir: str | Path, comparison: dict[str, Any]) -> dic
     if comparison["differences"]:
         doc.heading(f"Paired differences against {comparison['baseline']}")
         doc.pipe_table(differences_table(comparison))
+    doc.heading("Where the spread comes from")
+    doc.paragraph("Variance components as standard deviations: between data draws, between trainings on one data draw, "
+                  "and from the sampling of the test studies (docs/study.md says how each is estimated).")
+    doc.pipe_table(variance_table(comparison))
     report = {"study": str(study_dir), "metric": comparison["metric"], "baseline": comparison["baseline"], "findings": findings}
     atomic_write_text(study_dir / "report.html", doc.render_html(f"Study directory {study_dir}; written by corex_study from compare.json."))
     atomic_write_text(study_dir / "report.md", "\n".join(doc.md))

@@ -1,4 +1,4 @@
-"""Reading finished run directories: recipe, seed, label fraction, test metrics and predictions."""
+"""Reading finished run directories: recipe, seeds, label fraction, test metrics and predictions."""
 
 from __future__ import annotations
 
@@ -21,16 +21,30 @@ class Run:
 
     path: Path
     recipe: str
-    seed: int
+    seed: int  # the training seed (initialisation, order, augmentation): the recipe's ``seed``
     label_fraction: float
     stage: str  # the evaluate stage scored on the test split
     metrics: dict[str, float]
     intervals: dict[str, list[float]] = field(default_factory=dict)
     time_s: float = 0.0
+    data_seed: int | None = None  # the data seed (phantom, split, label subset): ``data.seed``, else ``seed``
+    config: dict[str, Any] = field(default_factory=dict)  # the run's recipe.yaml
+    study_arm: str | None = None  # the arm's name in a `corex study` directory (its recipe file name)
+    label: str = ""  # the arm's label: the recipe name, and the keys that set it apart from a namesake
+
+    def __post_init__(self) -> None:
+        if self.data_seed is None:
+            self.data_seed = self.seed
+        self.label = self.label or self.recipe
 
     @property
     def arm(self) -> str:
-        return f"{self.recipe} @ {self.label_fraction:g}"
+        return f"{self.label} @ {self.label_fraction:g}"
+
+    @property
+    def seeds(self) -> str:
+        """How the run's seeds read in a message."""
+        return f"seed {self.seed}" if self.seed == self.data_seed else f"data seed {self.data_seed}, training seed {self.seed}"
 
     def predictions_path(self, name: str) -> Path:
         return stage_folder(self.path, self.stage) / name
@@ -58,16 +72,24 @@ def read_run(path: Path) -> Run | None:
         return None
     recipe_file = path / "recipe.yaml"
     recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.exists() else {}
+    recipe = recipe if isinstance(recipe, dict) else {}
     stages = results["stages"]
+    data = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
+    seed = int(recipe.get("seed", 0))
+    # A `corex study` directory lays its runs out as ARM/frac-F/SEEDS: the arm is the recipe's file name.
+    study_arm = path.parent.parent.name if path.parent.name.startswith("frac-") else None
     return Run(
         path=path,
         recipe=str(results.get("recipe") or recipe.get("name") or path.name),
-        seed=int(recipe.get("seed", 0)),
-        label_fraction=float(recipe.get("data", {}).get("label_fraction", 1.0)),
+        seed=seed,
+        label_fraction=float(data.get("label_fraction", 1.0)),
         stage=stage,
         metrics={k: v for k, v in stages[stage].get("metrics", {}).items() if v is not None},
         intervals=stages[stage].get("intervals", {}),
         time_s=float(sum(s.get("time_s", 0.0) for s in stages.values())),
+        data_seed=int(data["seed"]) if data.get("seed") is not None else seed,
+        config=recipe,
+        study_arm=study_arm,
     )
 
 
@@ -86,7 +108,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
             raise CorexError(f"'{path}' holds no finished run with a test evaluation (no results.json with an evaluate stage on the test split)")
         found.extend(runs)
     unique = {run.path.resolve(): run for run in found}
-    return sorted(unique.values(), key=lambda r: (r.label_fraction, r.recipe, r.seed))
+    return sorted(unique.values(), key=lambda r: (r.label_fraction, r.recipe, r.data_seed, r.seed))
 
 
 @dataclass
@@ -97,6 +119,7 @@ class Predictions:
     probabilities: np.ndarray
     labels: np.ndarray
     groups: list[str]
+    classes: list[str] = field(default_factory=list)  # the class of each probability column, as the labels name it
 
 
 def read_predictions(run: Run, name: str) -> Predictions | None:
@@ -124,4 +147,5 @@ def read_predictions(run: Run, name: str) -> Predictions | None:
     probabilities = np.array([[float(row[c]) for c in classes] for row in rows])
     ids = [row[id_column] for row in rows]
     groups = [row["patient_id"] for row in rows] if "patient_id" in columns else ids
-    return Predictions(ids, probabilities, labels, groups)
+    names = {slug(row["label"]): row["label"] for row in rows}
+    return Predictions(ids, probabilities, labels, groups, [names.get(c[2:], c[2:]) for c in classes])

@@ -5,11 +5,16 @@
   arms are scored on the *same* resamples of the test studies (a patient's studies drawn
   together), so the variation that the two arms share cancels.
 * :func:`holm` -- Holm's step-down adjustment of p-values for the number of comparisons made.
+* :func:`t_power` and :func:`seeds_for_power` -- the power of the paired t test (noncentral t) and
+  the number of paired units it needs for a given power.
+* :func:`variance_components` -- how much of a metric's spread comes from the data draw, from the
+  training and from the sampling of the test studies (method of moments, one-way random effects).
 
 The metrics themselves are recomputed under weightings (a bootstrap resample is a weighting: how
 often each study was drawn) by the plugin that declares them (``Metric.recompute``, corex.metrics).
 
-No scipy at run time: the t distribution comes from the regularised incomplete beta function.
+No scipy at run time: the t distribution comes from the regularised incomplete beta function, the
+noncentral t from integrating the normal distribution function over the chi distribution.
 """
 
 from __future__ import annotations
@@ -71,7 +76,38 @@ def t_quantile(p: float, df: float) -> float:
             low = middle
         else:
             high = middle
+        if high - low < 1e-13 * max(1.0, abs(middle)):
+            break
     return 0.5 * (low + high)
+
+
+def normal_cdf(x: np.ndarray | float) -> np.ndarray:
+    """The standard normal distribution function, elementwise."""
+    return 0.5 * _erfc(-np.asarray(x, dtype=float) / math.sqrt(2.0))
+
+
+_erfc = np.frompyfunc(math.erfc, 1, 1)
+
+
+def nct_cdf(t: float, df: float, nc: float, points: int = 4001) -> float:
+    """P(T <= t) for the noncentral t with ``df`` degrees of freedom and noncentrality ``nc``.
+
+    T = (Z + nc) / S with S = sqrt(V / df), V chi-squared with ``df`` degrees of freedom, so
+    P(T <= t) = E[Phi(t S - nc)]: Simpson's rule over the density of S (a chi distribution scaled by
+    1 / sqrt(df)) on its mean +- 15 sd (tested against scipy.stats.nct to 1e-8).
+    """
+    spread = 1.0 / math.sqrt(2.0 * df)
+    low, high = max(0.0, 1.0 - 15.0 * spread), 1.0 + 15.0 * spread + (10.0 if df < 3 else 0.0)
+    s = np.linspace(low, high, points)
+    power_term = (df - 1.0) * np.log(np.maximum(s, 1e-300))  # s = 0: 0 for df = 1, a vanishing density above
+    log_density = (math.log(2.0) + 0.5 * df * math.log(df) - 0.5 * df * math.log(2.0) - math.lgamma(0.5 * df)
+                   + power_term - 0.5 * df * s * s)
+    density = np.exp(log_density)
+    weights = np.ones(points)
+    weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
+    h = (high - low) / (points - 1)
+    values = normal_cdf(t * s - nc).astype(float)
+    return float(min(1.0, max(0.0, h / 3.0 * np.sum(weights * density * values))))
 
 
 # -- differences paired by seed -----------------------------------------------------------------
@@ -89,15 +125,19 @@ def paired_t(differences: Sequence[float], level: float = 0.95) -> dict[str, flo
     """Mean of paired differences with its Student-t interval and two-sided p-value (H0: mean 0).
 
     With a single pair there is no interval (``nan``); with identical differences (sd 0) the
-    interval is the point and p is 0 unless the mean is 0 (then 1).
+    interval is the point and p is 0 unless the mean is 0 (then 1). A difference that is not a
+    number (a metric a run could not compute) makes the whole test ``nan``: never p = 1, so
+    :func:`holm` does not count it as a comparison made.
     """
     d = np.asarray(differences, dtype=float)
     n = d.size
-    mean = float(d.mean()) if n else math.nan
-    out = {"mean": mean, "low": math.nan, "high": math.nan, "p": math.nan, "n": float(n)}
-    if n < 2:
+    finite = bool(np.all(np.isfinite(d)))
+    mean = float(d.mean()) if n and finite else math.nan
+    sd = float(d.std(ddof=1)) if n > 1 and finite else math.nan
+    out = {"mean": mean, "low": math.nan, "high": math.nan, "p": math.nan, "n": float(n), "sd": sd}
+    if n < 2 or not finite:
         return out
-    se = float(d.std(ddof=1)) / math.sqrt(n)
+    se = sd / math.sqrt(n)
     if se == 0.0:
         return out | {"low": mean, "high": mean, "p": 1.0 if mean == 0.0 else 0.0}
     half = t_quantile(0.5 + level / 2.0, n - 1) * se
@@ -136,8 +176,16 @@ def cluster_weights(groups: Sequence[object], resamples: int, rng: np.random.Gen
     return counts[:, cluster]
 
 
+Blocks = Sequence[tuple[object, object, np.ndarray, Sequence[object]]]
+
+
+def _sides(side: object) -> list[np.ndarray]:
+    """One run's probabilities ``(N, K)``, or a list of runs' on the same studies."""
+    return [np.asarray(p) for p in side] if isinstance(side, (list, tuple)) else [np.asarray(side)]
+
+
 def paired_bootstrap(
-    pairs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[object]]],
+    pairs: Blocks,
     metric: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
     *,
     resamples: int = 2000,
@@ -146,24 +194,162 @@ def paired_bootstrap(
 ) -> dict[str, float]:
     """Difference ``metric(arm) - metric(baseline)`` with a paired percentile-bootstrap interval.
 
-    ``pairs`` holds one ``(arm probabilities, baseline probabilities, labels, groups)`` per seed,
-    both arms scored on the same studies (rows aligned). Each resample draws every seed's test
-    studies anew (clusters of ``groups`` together) and scores *both* arms on it; the statistic is
-    the mean over seeds of the difference. Returns the point estimate on the full data, the
-    interval, and a two-sided bootstrap p-value ``2 * min(P(d <= 0), P(d >= 0))``.
+    ``pairs`` holds one ``(arm, baseline, labels, groups)`` per *block* of test studies (one data
+    draw): ``arm`` and ``baseline`` are the probabilities ``(N, K)`` of one run each, or lists of
+    several runs' (trainings on the same data draw), all on the same studies (rows aligned). Each
+    resample draws every block's test studies anew (clusters of ``groups`` together) and scores every
+    run of the block on the same draw; a block's difference is the mean of its arm runs minus the
+    mean of its baseline runs, and the statistic is the mean over blocks. Returns the point estimate
+    on the full data, the interval, a two-sided bootstrap p-value ``2 * min(P(d <= 0), P(d >= 0))``,
+    and ``test_variance``: the bootstrap variance of one block's difference, averaged over blocks
+    (the test-sampling variance of a data draw's difference, see :func:`variance_components`).
+
+    Resamples on which the statistic is not a number (a class missing from the draw, say) are left
+    out and counted (``dropped``); when none is left the interval and p are ``nan``, never p = 0.
     """
-    score = metric
     rng = np.random.default_rng(seed)
-    estimate, draws = [], []
+    estimate, draws, variances = [], [], []
     for arm, baseline, labels, groups in pairs:
+        labels = np.asarray(labels)
         ones = np.ones((1, len(labels)))
-        estimate.append(float(score(arm, labels, ones)[0] - score(baseline, labels, ones)[0]))
+        mine, theirs = _sides(arm), _sides(baseline)
+        estimate.append(float(np.mean([metric(p, labels, ones)[0] for p in mine]) - np.mean([metric(p, labels, ones)[0] for p in theirs])))
         w = cluster_weights(groups, resamples, rng)
-        draws.append(score(arm, labels, w) - score(baseline, labels, w))
-    differences = np.nanmean(np.stack(draws), 0) if draws else np.array([math.nan])
+        block = (np.mean([metric(p, labels, w) for p in mine], 0) - np.mean([metric(p, labels, w) for p in theirs], 0)).astype(float)
+        draws.append(block)
+        finite = block[np.isfinite(block)]
+        variances.append(float(finite.var(ddof=1)) if finite.size > 1 else math.nan)
+    result = {"mean": float(np.mean(estimate)) if estimate else math.nan, "low": math.nan, "high": math.nan, "p": math.nan,
+              "n": float(len(pairs)), "resamples": float(resamples), "dropped": float(resamples),
+              "test_variance": float(np.nanmean(variances)) if any(np.isfinite(variances)) else math.nan}
+    if not draws:
+        return result
+    stacked = np.stack(draws)
+    differences = np.full(resamples, math.nan)
+    present = np.isfinite(stacked).any(0)
+    if present.any():
+        differences[present] = np.nanmean(stacked[:, present], 0)
+    differences = differences[np.isfinite(differences)]
+    result["dropped"] = float(resamples - differences.size)
+    if differences.size == 0 or not math.isfinite(result["mean"]):
+        return result
     tail = (1.0 - level) / 2.0
-    low, high = np.nanquantile(differences, [tail, 1.0 - tail])
+    low, high = np.quantile(differences, [tail, 1.0 - tail])
     below, above = np.mean(differences <= 0), np.mean(differences >= 0)
-    p = min(1.0, 2.0 * min(below, above))
-    return {"mean": float(np.mean(estimate)), "low": float(low), "high": float(high), "p": float(p),
-            "n": float(len(pairs)), "resamples": float(resamples)}
+    return result | {"low": float(low), "high": float(high), "p": float(min(1.0, 2.0 * min(below, above)))}
+
+
+def bootstrap_variance(
+    blocks: Sequence[tuple[Sequence[np.ndarray], np.ndarray, Sequence[object]]],
+    metric: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> float:
+    """The test-sampling variance of a data draw's mean score: per block ``(runs' probabilities,
+    labels, groups)``, the bootstrap variance over resamples of the test studies of the mean over the
+    block's runs (every run scored on the same draw), averaged over blocks; ``nan`` without any."""
+    rng = np.random.default_rng(seed)
+    variances = []
+    for runs, labels, groups in blocks:
+        w = cluster_weights(groups, resamples, rng)
+        scores = np.mean([metric(np.asarray(p), np.asarray(labels), w) for p in runs], 0).astype(float)
+        scores = scores[np.isfinite(scores)]
+        if scores.size > 1:
+            variances.append(float(scores.var(ddof=1)))
+    return float(np.mean(variances)) if variances else math.nan
+
+
+# -- power of the paired t test -------------------------------------------------------------------------
+
+
+def t_power(effect: float, sd: float, n: int, alpha: float) -> float:
+    """Power of the two-sided one-sample (paired) t test at level ``alpha`` with ``n`` pairs when
+    the true mean difference is ``effect`` and the differences' sd is ``sd``:
+    ``P(|T| > t_{1-alpha/2, n-1})`` with T noncentral t, ``n - 1`` degrees of freedom, noncentrality
+    ``effect / sd * sqrt(n)`` (Cohen 1988, ch. 2; statsmodels' TTestPower computes the same)."""
+    if n < 2 or not all(math.isfinite(v) for v in (effect, sd)):
+        return math.nan
+    if sd == 0.0:
+        return 1.0 if effect != 0.0 else alpha
+    df, nc = n - 1.0, abs(effect) / sd * math.sqrt(n)
+    critical = t_quantile(1.0 - alpha / 2.0, df)
+    return 1.0 - nct_cdf(critical, df, nc) + nct_cdf(-critical, df, nc)
+
+
+def seeds_for_power(effect: float, sd: float, alpha: float, power: float = 0.8, limit: int = 100_000) -> int | None:
+    """The smallest number of pairs ``n >= 2`` at which :func:`t_power` reaches ``power``; ``None``
+    when the difference is 0 (or not a number) or more than ``limit`` pairs would be needed."""
+    if not all(math.isfinite(v) for v in (effect, sd)) or effect == 0.0:
+        return None
+    if t_power(effect, sd, 2, alpha) >= power:
+        return 2
+    low, high = 2, 4
+    while t_power(effect, sd, high, alpha) < power:  # power grows with n: double, then bisect
+        low, high = high, high * 2
+        if high > limit:
+            return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        if t_power(effect, sd, middle, alpha) >= power:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+# -- variance components -----------------------------------------------------------------------------
+
+
+def variance_components(values: Sequence[float], data_seeds: Sequence[object], test_variance: float = math.nan) -> dict[str, float | None]:
+    """Split the spread of ``values`` (one per run, each labelled with its data seed) into variance
+    between data draws, between trainings, and from the sampling of the test studies.
+
+    The model is ``value = mu + data + training + test``: each data draw (phantom, split, hence its
+    test studies) adds ``data`` and, because its test studies are a sample, ``test``; each training
+    on it adds ``training``. Method of moments for one-way random effects (Searle, Casella and
+    McCulloch 1992, ch. 3), with ``test_variance`` (the test-sampling variance of a data draw's mean,
+    from a bootstrap of its test studies) known:
+
+    * ``training``: the pooled variance of runs around their data draw's mean (needs a data draw with
+      two trainings); the trainings of one draw share its test studies, so test sampling is held fixed;
+    * ``data``: the variance of the data draws' means, less ``training`` times the mean of 1 / (runs
+      per draw), less ``test_variance`` (needs two data draws); with one training per draw the data and
+      training components cannot be told apart and their sum is ``data_and_training``;
+    * a negative estimate is set to 0 and flagged in ``truncated`` (the usual convention).
+
+    Returns ``None`` for what the design cannot estimate. For a balanced design and
+    ``test_variance = 0``, ``data`` and ``training`` are the REML estimates of a random-intercept
+    model (statsmodels' MixedLM; tested).
+    """
+    x = np.asarray(values, dtype=float)
+    keys = [str(k) for k in data_seeds]
+    keep = np.isfinite(x)
+    x, keys = x[keep], [k for k, kept in zip(keys, keep) if kept]
+    groups: dict[str, list[float]] = {}
+    for key, value in zip(keys, x):
+        groups.setdefault(key, []).append(float(value))
+    sizes = [len(g) for g in groups.values()]
+    out: dict[str, float | None] = {"runs": float(x.size), "data_draws": float(len(groups)),
+                                    "total": float(x.var(ddof=1)) if x.size > 1 else None,
+                                    "test": float(test_variance) if math.isfinite(test_variance) else None,
+                                    "training": None, "data": None, "data_and_training": None, "truncated": []}
+    truncated: list[str] = []
+    within_df = sum(n - 1 for n in sizes)
+    if within_df > 0:
+        out["training"] = sum(float(np.sum((np.asarray(g) - np.mean(g)) ** 2)) for g in groups.values()) / within_df
+    if len(groups) >= 2:
+        means = np.array([np.mean(g) for g in groups.values()])
+        between = float(means.var(ddof=1))
+        test = out["test"] or 0.0
+        if out["training"] is not None:
+            estimate = between - out["training"] * float(np.mean([1.0 / n for n in sizes])) - test
+            key = "data"
+        else:
+            estimate = between - test
+            key = "data_and_training"
+        if estimate < 0:
+            truncated.append(key)
+        out[key] = max(0.0, estimate)
+    out["truncated"] = truncated
+    return out

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 import corex
 from corex.errors import CorexError
@@ -127,10 +128,57 @@ def test_a_plugin_value_error_is_reported_with_the_recipe_path(tiny_recipe, tmp_
     assert any(p.startswith("stages.train.heads.classification: ") for p in problems), problems
 
 
-def test_an_unknown_selection_metric_names_the_available_ones(tiny_recipe, tmp_path):
+def test_an_unknown_selection_metric_is_refused_before_training_naming_the_declared_ones(tiny_recipe, tmp_path, corex_cli):
     tiny_recipe["stages"]["train"]["select"] = "macro_f2"
-    with pytest.raises(corex.recipe.RecipeError, match="'macro_f2' is not a validation metric; available: .*macro_f1"):
+    with pytest.raises(corex.recipe.RecipeError, match="'macro_f2' is not a metric this stage's evaluators declare.*did you mean 'macro_f1'"):
         run(tiny_recipe, tmp_path / "r")
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # refused before any training
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    code, _, err = corex_cli("validate", path)  # validate says so too
+    assert code == 2 and "stages.train.select.metric" in err and "Traceback" not in err
+
+
+def test_a_selection_metric_that_is_never_finite_ends_the_stage_with_a_message(corex_pm, tiny_recipe, tmp_path, corex_cli):
+    class AlwaysNaN:  # declares its metric, computes NaN every time (with a reason, as the contract asks)
+        def __init__(self):
+            self.reset()
+
+        def reset(self):
+            pass
+
+        def update(self, batch, outputs):
+            pass
+
+        def compute(self):
+            return {"never": float("nan")}
+
+        def undefined(self):
+            return {"never": "nothing to measure on the validation split"}
+
+    class Plugin:
+        @staticmethod
+        @corex.hookimpl
+        def corex_evaluators():
+            return {"never_finite": AlwaysNaN}
+
+        @staticmethod
+        @corex.hookimpl
+        def corex_metrics():
+            from corex.metrics import Metric
+
+            return [Metric("never", "a metric that is never finite")]
+
+    corex_pm.register(Plugin, name="nan-plugin")
+    tiny_recipe["stages"]["train"]["evaluators"] = ["never_finite"]
+    tiny_recipe["stages"]["train"]["select"] = "never"
+    tiny_recipe["stages"]["train"]["epochs"] = 2
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    code, _, err = corex_cli("run", path, "--out", tmp_path / "run")
+    assert code == 1 and "Traceback" not in err, err
+    assert "stages.train.select.metric: 'never' was not a finite number at any of the 2 validations" in err
+    assert not (tmp_path / "run" / "results.json").exists() or "train" not in json.loads((tmp_path / "run" / "results.json").read_text())["stages"]
 
 
 def test_export_then_transfer_from_the_file_and_a_clear_error_on_another_architecture(tiny_recipe, tmp_path, corex_cli):

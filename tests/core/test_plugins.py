@@ -19,7 +19,7 @@ BUILT_IN = {
     "heads": {"classification", "segmentation"},
     "evaluators": {"classification", "segmentation"},
     "datasets": {"phantom", "siim", "folder"},
-    "objectives": {"moco", "inpaint"},
+    "objectives": {"moco", "inpaint", "byol"},
     "augmentations": {"cxr_light", "moco_cxr", "mocov2", "kornia", "none"},
 }
 
@@ -309,20 +309,25 @@ def test_a_factory_raising_type_error_is_reported_like_value_error(corex_pm, tin
     register(corex_pm, TypeErrorFactory, name="picky-plugin")
     tiny_recipe["model"]["encoder"] = {"name": "picky", "width": 3}
     recipe = corex.load_recipe(tiny_recipe)  # the options bind; only building finds the problem
-    with pytest.raises(corex.recipe.RecipeError, match="model.encoder: width 3 does not suit this encoder"):
+    with pytest.raises(corex.recipe.RecipeError, match=r"model.encoder: encoder 'picky' \(plugin 'picky-plugin'\): width 3 does not suit this encoder"):
         corex.build_model(recipe, num_classes=4)
 
 
 # -- light plugins: what `corex --help` loads -------------------------------------------------------
 
 BUILT_IN_PACKAGES = ["corex_encoders", "corex_heads", "corex_eval", "corex_cxr", "corex_kornia", "corex_moco",
-                     "corex_inpaint", "corex_keras", "corex_predict", "corex_study", "corex_optim"]
+                     "corex_inpaint", "corex_keras", "corex_predict", "corex_study", "corex_optim", "corex_byol", "corex_track",
+                     "corex_ssl"]
 
 
 def test_every_built_in_package_is_checked_for_lightness():
-    from importlib.metadata import entry_points
+    """Every plugin corex's own distribution registers is in the list above (a new one cannot slip past)."""
+    from importlib.metadata import distribution
 
-    assert {ep.value for ep in entry_points(group="corex")} >= set(BUILT_IN_PACKAGES)
+    from corex.plugins import _own_distribution
+
+    registered = {ep.value for ep in distribution(_own_distribution()).entry_points if ep.group == "corex"}
+    assert registered and registered <= set(BUILT_IN_PACKAGES), registered - set(BUILT_IN_PACKAGES)
 
 
 @pytest.mark.parametrize("package", BUILT_IN_PACKAGES)

@@ -234,7 +234,7 @@ def test_a_factory_raising_type_error_is_a_recipe_problem(corex_pm, quick_recipe
     recipe = corex.load_recipe(quick_recipe)
     from corex.errors import RecipeError
 
-    with pytest.raises(RecipeError, match=r"stages.test.evaluators\[0\]: bootstrap must be even"):
+    with pytest.raises(RecipeError, match=r"stages.test.evaluators\[0\]: evaluator 'broken' \(plugin 'broken-plugin'\): bootstrap must be even"):
         corex.run(recipe, out=tmp_path / "run", progress=False)
 
 

@@ -181,7 +181,8 @@ def test_vectorised_metrics_agree_with_torchmetrics(labels_present):
     plain = {name: float(value) for name, value in weighted_metrics(probabilities, labels, ones).items()}
     expected = {
         "accuracy": tmf.multiclass_accuracy(probabilities, labels, 4, average="micro"),
-        "balanced_accuracy": tmf.multiclass_accuracy(probabilities, labels, 4, average="macro"),
+        # recall averaged over the classes present in the labels (scikit-learn's balanced accuracy)
+        "balanced_accuracy": tmf.multiclass_recall(probabilities, labels, 4, average=None)[:labels_present].mean(),
         "macro_f1": tmf.multiclass_f1_score(probabilities, labels, 4, average="macro"),
     }
     for name, value in expected.items():
@@ -211,7 +212,8 @@ def test_bootstrap_intervals_are_deterministic_fast_and_contain_the_estimate():
     # seconds); the bound leaves room for a machine loaded by other jobs.
     assert time.perf_counter() - start < 8.0
     metrics = evaluator.compute()
-    assert set(intervals) == {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "study_map", "ece", "brier"}
+    selective = {"selective/aurc", "selective/e_aurc", "selective/accuracy_at_90", "selective/accuracy_at_80"}
+    assert set(intervals) == {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "study_map", "ece", "brier"} | selective
     for name, (low, high) in intervals.items():
         assert low < metrics[name] < high, name
         assert high - low < 0.35, name
@@ -226,8 +228,9 @@ def test_save_writes_plots_and_tables(tmp_path):
     evaluator = six_studies(bootstrap=0)
     evaluator.save(tmp_path / "eval")
     files = sorted(p.name for p in (tmp_path / "eval").iterdir())
-    assert files == ["confusion_matrix.png", "per_class.csv", "pr.png", "predictions.csv", "reliability.png", "roc.png"]
-    for png in ("confusion_matrix.png", "reliability.png", "roc.png", "pr.png"):
+    assert files == ["classification.json", "confusion_matrix.png", "per_class.csv", "pr.png", "predictions.csv",
+                     "reliability.png", "risk_coverage.png", "roc.png"]
+    for png in ("confusion_matrix.png", "reliability.png", "roc.png", "pr.png", "risk_coverage.png"):
         assert (tmp_path / "eval" / png).read_bytes()[:4] == b"\x89PNG"
     per_class = read_csv(tmp_path / "eval" / "per_class.csv")
     assert [r["class"] for r in per_class] == CLASSES
@@ -249,6 +252,9 @@ def test_save_writes_plots_and_tables(tmp_path):
         ({"level": "patient"}, "level"),
         ({"class_names": ["typical"]}, "at least 2"),
         ({"class_names": ["Typical", "typical!"]}, "clashing"),
+        ({"ready_recall": 0.0}, "ready_recall"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"target_accuracy": 1.5}, "target_accuracy"),
     ],
 )
 def test_classification_options_are_checked(options, message):

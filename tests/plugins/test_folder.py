@@ -234,3 +234,114 @@ def test_folder_items_splits_and_order_are_unchanged(tmp_path):
     unlabelled = FolderSource(root=root, **options)
     assert digest(unlabelled) == {"train": [6, "f2e36bcfa6e573fe"], "val": [2, "5a9a4d3cd36857db"],
                                   "test": [2, "506719f9c9e3aa8c"]}
+
+
+# -- issue 16: decompression bombs and file names that are not valid UTF-8 --------------------------------
+
+
+def write_bomb(path: Path, width: int = 20000, height: int = 10000) -> None:
+    """A valid 1-bit PNG of width x height (2e8) pixels, over twice Pillow's MAX_IMAGE_PIXELS, in ~25 kB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    squeeze, row = zlib.compressobj(9), b"\x00" + bytes((width + 7) // 8)
+    pixels = b"".join(squeeze.compress(row) for _ in range(height)) + squeeze.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_a_bad_sample_like_any_other(folder, tmp_path):
+    from corex_cxr.images import read_picture
+
+    write_bomb(folder / "bomb.png")
+    with pytest.raises(DataError, match="decompression-bomb limit") as info:
+        read_picture(folder / "bomb.png")
+    assert info.value.path == str(folder / "bomb.png") and "200000000 pixels" in info.value.reason
+    with open(folder / "labels.csv", "a", newline="") as handle:
+        csv.writer(handle).writerow(["bomb.png", "typical", "", "", "", "", "p9"])
+    skipping = source(folder, tmp_path, on_bad_sample="skip")
+    assert "bomb.png" not in {item["image_id"] for item in skipping.split("train")}
+    [skipped] = [entry for entry in skipping.skipped() if entry["path"].endswith("bomb.png")]
+    assert "decompression-bomb" in skipped["reason"]
+    with pytest.raises(DataError, match=r"bomb\.png: not decoded, too many pixels"):
+        source(folder, tmp_path / "strict").prepare()
+
+
+def test_a_picture_over_the_warning_limit_is_not_decoded_either(folder, monkeypatch):
+    """Between Pillow's limit and twice it Pillow only warns (and would decode it); corex refuses it too."""
+    from PIL import Image as PILImage
+
+    from corex_cxr.images import read_picture
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 2000)  # a.png has 48 x 64 = 3072 pixels
+    with pytest.raises(DataError, match="MAX_IMAGE_PIXELS = 2000"):
+        read_picture(folder / "a.png")
+
+
+def test_printable_escapes_bytes_that_are_not_utf8_and_control_characters_only():
+    import os
+
+    from corex_cxr.errors import printable
+
+    assert printable(os.fsdecode(b"/data/scan\xff.png")) == "/data/scan\\xff.png"
+    assert printable(Path(os.fsdecode(b"a\xe9/b.png"))) == "a\\xe9/b.png"
+    assert printable(b"raw\xfe.dcm") == "raw\\xfe.dcm"
+    assert printable("tab\there.png") == "tab\\x09here.png"
+    assert printable("Ünïcödé/ok.png") == "Ünïcödé/ok.png"  # valid names are unchanged
+    error = DataError(os.fsdecode(b"x\xff.png"), "unreadable")
+    assert str(error) == "x\\xff.png: unreadable" and error.path.encode("utf-8")
+
+
+def test_a_file_name_that_is_not_utf8_works_through_the_cache_and_skipped_json(tmp_path, capsys):
+    import os
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(np.rint(picture(i) * 255).astype(np.uint8)).save(root / f"ok{i}.png")
+    odd = os.fsdecode(os.path.join(os.fsencode(root), b"scan\xff.png"))
+    Image.fromarray(np.rint(picture(5) * 255).astype(np.uint8)).save(odd)
+    Path(os.fsdecode(os.path.join(os.fsencode(root), b"bad\xfe.png"))).write_bytes(b"not a png")
+    options = {"csv": None, "box_columns": None, "patient_column": None, "on_bad_sample": "skip"}
+    data = source(root, tmp_path, **options)
+    items = {item["image_id"]: item for item in data.split("train")}
+    assert set(items) == {"ok0.png", "ok1.png", "ok2.png", "scan\\xff.png"}
+    assert items["scan\\xff.png"]["study_id"] == "scan\\xff.png" and float(items["scan\\xff.png"]["image"].max()) > 0
+    index = json.loads((data.cache_path / "index.json").read_bytes().decode("utf-8"))
+    assert "scan\\xff.png" in index["entries"] and "\\xfe" in index["entries"]["bad\\xfe.png"]["file"][0]
+    listed = json.loads(data.skipped_list.read_bytes().decode("utf-8"))["skipped"]
+    assert [entry["path"] for entry in listed] == [str(root / "bad\\xfe.png")]
+    assert "4 images decoded" in capsys.readouterr().err
+    again = source(root, tmp_path, **options)  # the file keys match: nothing is decoded again
+    again.prepare()
+    assert "0 images decoded, 4 reused" in capsys.readouterr().err
+    assert again.skipped() == data.skipped()
+
+
+def test_two_files_whose_names_read_the_same_are_reported(tmp_path):
+    import os
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(2):
+        Image.fromarray(np.rint(picture(i) * 255).astype(np.uint8)).save(root / f"ok{i}.png")
+    Image.fromarray(np.rint(picture(3) * 255).astype(np.uint8)).save(os.fsdecode(os.path.join(os.fsencode(root), b"scan\xff.png")))
+    Image.fromarray(np.rint(picture(4) * 255).astype(np.uint8)).save(root / "scan\\xff.png")  # a literal backslash
+    options = {"csv": None, "box_columns": None, "patient_column": None}
+    with pytest.raises(DataError, match="rename one of them"):
+        source(root, tmp_path, **options)
+    data = source(root, tmp_path, on_bad_sample="skip", **options)
+    assert len(data.skipped()) == 1 and len(data.split("train")) == 3
+
+
+def test_under_torch_distributed_only_rank_0_prints_the_cache_summary(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    source(folder, tmp_path).prepare()
+    assert "decoded" not in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    source(folder, tmp_path).prepare()
+    assert "[rank 0/2] folder: 0 images decoded, 5 reused from the cache" in capsys.readouterr().err

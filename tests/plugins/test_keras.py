@@ -299,7 +299,7 @@ def test_bad_options_are_reported_with_the_recipe_path(tiny_recipe, tmp_path):
     assert "model.encoder.widht: unknown option" in problems
 
     tiny_recipe["model"]["encoder"] = {"name": "keras_resnet50", "in_channels": 0}
-    with pytest.raises(RecipeError, match="model.encoder: in_channels must be at least 1, got 0"):
+    with pytest.raises(RecipeError, match=r"model.encoder: encoder 'keras_resnet50' \(plugin 'keras'.*\): in_channels must be at least 1, got 0"):
         corex.run(corex.load_recipe(tiny_recipe), out=tmp_path / "bad", progress=False)
 
 

@@ -263,3 +263,151 @@ def test_runs_in_an_evaluate_stage_of_the_engine(tiny_recipe, tmp_path):
     low, high = test["intervals"]["pointing_game"]
     assert low <= test["metrics"]["pointing_game"] <= high
     assert (tmp_path / "r" / "test" / "saliency_examples.png").stat().st_size > 0
+    # The prior comes from the training split (LearnsFromTraining); the faithfulness curves from the model.
+    assert 0.0 <= test["metrics"]["pointing_game/prior"] <= 1.0
+    for name in ("deletion_auc", "insertion_auc", "deletion_auc/random", "insertion_auc/random"):
+        assert 0.0 <= test["metrics"][name] <= 1.0, name
+
+
+# -- baselines: the fixed-point prior of the training boxes --------------------------------------
+
+
+def boxes_batch(boxes: list[tuple[int, int, int, int]], labels: list[int], size: int = 4, has_mask: list[bool] | None = None) -> dict:
+    """Images with box masks ``(top, left, height, width)`` in a ``size`` x ``size`` image."""
+    masks = torch.zeros(len(boxes), 1, size, size)
+    for i, (top, left, height, width) in enumerate(boxes):
+        masks[i, 0, top : top + height, left : left + width] = 1.0
+    return {"image": torch.rand(len(boxes), 1, size, size), "label": torch.tensor(labels), "mask": masks,
+            "has_mask": torch.tensor(has_mask or [True] * len(boxes)), "image_id": [f"b{i}" for i in range(len(boxes))]}
+
+
+def test_the_fixed_point_prior_is_the_pixel_inside_the_most_training_boxes():
+    evaluator = LocalizationEvaluator(class_names=CLASSES, faithfulness_steps=0, bootstrap=0)
+    assert evaluator.prior_point is None
+    # Worked by hand, 4 x 4: A covers rows 0-1 x cols 0-1, B rows 1-2 x cols 1-2, C rows 1-3 x col 1.
+    # Pixel (1, 1) lies in all three, (2, 1) in two, every other covered pixel in one.
+    # Not counted: a negative study's mask (label 0), an unannotated image, an unlabelled one.
+    evaluator.training_update(boxes_batch([(0, 0, 2, 2), (1, 1, 2, 2), (3, 3, 1, 1), (3, 3, 1, 1)], [1, 2, 0, 3],
+                                          has_mask=[True, True, True, False]), {})
+    evaluator.training_update(boxes_batch([(1, 1, 3, 1), (3, 3, 1, 1)], [3, -1]), {})
+    assert evaluator.prior_point == (1, 1, (4, 4))
+    # Test images: the first two hold (1, 1), the third does not.
+    model = tiny_model()
+    test = boxes_batch([(0, 0, 2, 2), (1, 1, 1, 1), (2, 2, 2, 2)], [1, 2, 3])
+    test["image"] = torch.rand(3, 1, 32, 32)
+    test["mask"] = F.interpolate(test["mask"], size=(32, 32), mode="nearest")  # the prior maps to (8*1+4, 8*1+4) here
+    with torch.no_grad():
+        evaluator.update(test, {}, model=model)
+    metrics = evaluator.compute()
+    assert metrics["pointing_game/prior"] == pytest.approx(2 / 3)
+    assert metrics["pointing_game/vs_prior"] == pytest.approx(metrics["pointing_game"] - 2 / 3)
+    # reset() forgets the scored images but keeps the prior, as it keeps the calibration data elsewhere.
+    evaluator.reset()
+    assert evaluator.prior_point == (1, 1, (4, 4))
+    evaluator.reset_training()
+    assert evaluator.prior_point is None
+
+
+def test_prior_ties_take_the_first_pixel_in_raster_order():
+    evaluator = LocalizationEvaluator(class_names=CLASSES, faithfulness_steps=0)
+    evaluator.training_update(boxes_batch([(2, 2, 2, 2), (0, 3, 1, 1)], [1, 1]), {})
+    assert evaluator.prior_point == (0, 3, (4, 4))
+
+
+def test_without_training_data_there_is_no_prior_metric():
+    batch = patterned_squares(8, 32, 8, torch.Generator().manual_seed(0))
+    metrics = evaluate(tiny_model(), batch, faithfulness_steps=0, bootstrap=0).compute()
+    assert "pointing_game/prior" not in metrics and "deletion_auc" not in metrics
+
+
+# -- faithfulness: deletion and insertion (RISE) -------------------------------------------------
+
+from corex_eval.localization import area_under, curve_counts, faithfulness_curves  # noqa: E402
+
+
+def test_deletion_and_insertion_on_a_score_whose_answer_is_known():
+    """The score of class 1 is the share of a region R's pixels left intact; the map is R itself."""
+    size, batch = 16, 48
+    region = torch.zeros(batch, 1, size, size, dtype=torch.bool)
+    region[:, :, 2:6, 3:11] = True  # 32 of 256 pixels: an eighth of the image
+    images = region.float()
+
+    def score(x):
+        intact = (x * region[0].float()).flatten(1).sum(1) / region[0].sum()
+        return torch.stack([1 - intact, intact], 1)
+
+    steps = 16
+    curves = faithfulness_curves(score, images, region.float(), torch.ones(batch, dtype=torch.long), steps,
+                                 torch.Generator().manual_seed(0), canvas=torch.zeros_like(images))
+    counts = curve_counts(size * size, steps).double()
+    expected_deletion = (32 - counts.clamp(max=32)) / 32  # R goes first: gone after 2 of 16 steps
+    expected_insertion = counts.clamp(max=32) / 32
+    assert curves["deletion_auc"] == pytest.approx(expected_deletion.expand(batch, -1).float())
+    assert curves["insertion_auc"] == pytest.approx(expected_insertion.expand(batch, -1).float())
+    # A random order removes R's pixels at the pace of all pixels: 1 - share removed, on average.
+    share = counts / (size * size)
+    assert curves["deletion_auc/random"].mean(0).double() == pytest.approx(1 - share, abs=0.05)
+    assert curves["insertion_auc/random"].mean(0).double() == pytest.approx(share, abs=0.05)
+    # Areas: saliency 1/16 (the trapezoid of 1, 0.5, 0, ...), random about 1/2.
+    assert area_under(curves["deletion_auc"]) == pytest.approx(torch.full((batch,), 1 / 16))
+    assert area_under(curves["insertion_auc"]) == pytest.approx(torch.full((batch,), 1 - 1 / 16))
+    assert float(area_under(curves["deletion_auc/random"]).mean()) == pytest.approx(0.5, abs=0.03)
+
+
+def test_a_flat_map_scores_as_the_random_order():
+    images = torch.rand(64, 1, 8, 8)
+
+    def score(x):
+        mean = x.flatten(1).mean(1)
+        return torch.stack([1 - mean, mean], 1)
+
+    curves = faithfulness_curves(score, images, torch.zeros_like(images), torch.ones(64, dtype=torch.long), 8,
+                                 torch.Generator().manual_seed(1), canvas=torch.zeros_like(images))
+    for name in ("deletion_auc", "insertion_auc"):
+        assert float(area_under(curves[name]).mean()) == pytest.approx(float(area_under(curves[f"{name}/random"]).mean()), abs=0.02)
+
+
+class Identity(torch.nn.Module):
+    """A one-level 'encoder' whose feature map is the image: Grad-CAM of a pooled linear head is then the image."""
+
+    arch, in_channels, channels, strides = "identity", 1, (1,), (1,)
+
+    def forward(self, x):
+        return [x]
+
+
+class Brightness(torch.nn.Module):
+    """Logit of class 1 grows with the image's mean intensity; the other classes' logits are 0."""
+
+    task = "classification"
+
+    def forward(self, features):
+        mean = features[-1].mean(dim=(1, 2, 3))
+        zeros = torch.zeros_like(mean)
+        return torch.stack([zeros, 12 * mean, zeros, zeros], 1)
+
+
+def test_the_evaluator_on_a_model_whose_evidence_is_known():
+    """The model's class-1 evidence is brightness, which lies in the square: its Grad-CAM is the image, so
+    deleting the most salient pixels first lowers the class's probability faster than a random order,
+    and inserting them first raises it faster."""
+    model = CorexModel(Identity(), {"classification": Brightness()}).eval()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(12, 1, 32, 32, generator=generator) * 0.05
+    masks = torch.zeros(12, 1, 32, 32)
+    images[:, :, 8:20, 10:22] += 0.9
+    masks[:, :, 8:20, 10:22] = 1.0
+    batch = {"image": images, "label": torch.ones(12, dtype=torch.long), "mask": masks, "has_mask": torch.ones(12, dtype=torch.bool),
+             "image_id": [f"i{i}" for i in range(12)], "patient_id": [f"p{i}" for i in range(12)]}
+    evaluator = evaluate(model, batch, faithfulness_steps=8, bootstrap=100)
+    metrics, intervals = evaluator.compute(), evaluator.intervals()
+    assert metrics["pointing_game"] == 1.0
+    assert metrics["deletion_auc"] < metrics["deletion_auc/random"] - 0.1
+    assert metrics["insertion_auc"] > metrics["insertion_auc/random"] + 0.1
+    assert metrics["deletion_auc/vs_random"] == pytest.approx(metrics["deletion_auc"] - metrics["deletion_auc/random"])
+    assert intervals["deletion_auc/vs_random"][1] < 0 < intervals["insertion_auc/vs_random"][0]
+
+
+def test_faithfulness_steps_are_checked():
+    with pytest.raises(ValueError, match="faithfulness_steps"):
+        LocalizationEvaluator(class_names=CLASSES, faithfulness_steps=1)

@@ -33,9 +33,10 @@ def check_self_contained(html: str) -> int:
     return len(sources)
 
 
-def source_value(run: Path, finding: dict, metric: str, source: str) -> float:
-    """The number ``metric`` computed independently from the file the finding names."""
-    stage = finding["stage"]
+def source_value(run: Path, finding: dict, metric: str, source: str, stage: str | None = None) -> float:
+    """The number ``metric`` computed independently from the file the finding names (``stage``: a number
+    another stage's result holds)."""
+    stage = stage or finding["stage"]
     results = json.loads((run / "results.json").read_text())["stages"][stage]
     if source == "results.json":
         if metric.startswith("interval/"):
@@ -46,6 +47,17 @@ def source_value(run: Path, finding: dict, metric: str, source: str) -> float:
         kind, name = metric.split("/", 1)
         rows = {r["class"]: r for r in csv.DictReader((run / stage / "per_class.csv").open())}
         return float(rows[name][kind])
+    if source == "subgroups.csv":
+        from corex_eval.rules import subgroup_key
+
+        parts = metric.split("/")  # subgroup/<key>/<metric>[/difference|/rest]
+        column = {3: "subgroup", 4: parts[-1]}[len(parts)]
+        rows = [r for r in csv.DictReader((run / stage / "subgroups.csv").open())
+                if subgroup_key(r["field"], r["group"]) == parts[1] and r["metric"] == parts[2]]
+        assert len(rows) == 1, metric
+        return float(rows[0][column])
+    if source == "data.json":
+        return data_value(json.loads((run / "data.json").read_text()), stage, metric)
     if source == "predictions.csv":
         _, true, predicted = metric.split("/")
         rows = list(csv.DictReader((run / stage / "predictions.csv").open()))
@@ -56,9 +68,34 @@ def source_value(run: Path, finding: dict, metric: str, source: str) -> float:
     raise AssertionError(f"unknown source {source}")
 
 
+def data_value(data: dict, stage: str, metric: str) -> float:
+    """A number an external-validation finding computes from data.json, computed again here."""
+    own = data["stages"][stage]
+    kind, *rest = metric.split("/")
+    if kind == "shift":  # total variation distance between the training images' and the external images' shares
+        (field,) = rest
+        train, external = data["subgroups"]["train"][field], own["subgroups"]["test"][field]
+        p = {k: v / sum(train.values()) for k, v in train.items()}
+        q = {k: v / sum(external.values()) for k, v in external.items()}
+        return 0.5 * sum(abs(p.get(k, 0) - q.get(k, 0)) for k in set(p) | set(q))
+    if kind == "share":
+        where, field, value = rest
+        counts = (data if where == "train" else own)["subgroups"]["train" if where == "train" else "test"][field]
+        return counts.get(value, 0) / sum(counts.values())
+    if kind == "intensity":
+        if rest == ["standardised_difference"]:
+            a, b = data["intensity"]["train"], own["intensity"]["test"]
+            return (b["mean"] - a["mean"]) / a["sd"]
+        where, statistic = rest
+        return (data if where == "train" else own)["intensity"]["train" if where == "train" else "test"][statistic]
+    raise AssertionError(f"unknown data.json metric {metric}")
+
+
 def shown(value: float, text: str) -> bool:
-    """The sentence shows ``value`` as a percentage or with two or three decimals."""
-    candidates = {f"{100 * value:.0f}%", f"{100 * value:.1f}%", f"{value:.2f}", f"{value:.3f}"}
+    """The sentence shows ``value`` as a percentage or with two or three decimals (or three significant digits)."""
+    candidates = {f"{100 * value:.0f}%", f"{100 * value:.1f}%", f"{value:.2f}", f"{value:.3f}", f"{value:+.2f}", f"{value:.3g}"}
+    if abs(value) >= 100:  # a fitted temperature gone astray
+        candidates.add(f"{value:.0f}")
     return any(c in text for c in candidates)
 
 
@@ -67,7 +104,7 @@ def check_findings(run: Path) -> list[dict]:
     assert report["findings"]
     for finding in report["findings"]:
         for quoted in [finding, *finding["also"]]:
-            expected = source_value(run, finding, quoted["metric"], quoted["source"])
+            expected = source_value(run, finding, quoted["metric"], quoted["source"], quoted.get("stage"))
             assert quoted["value"] == pytest.approx(expected, abs=1e-6), (finding["text"], quoted["metric"])
             assert shown(quoted["value"], finding["text"]), (finding["text"], quoted)
     return report["findings"]
@@ -117,7 +154,11 @@ def test_findings_state_the_issue_examples_from_the_numbers(tmp_path):
     run = fabricated_run(tmp_path / "run", {c: 0.5 + 0.05 * i for i, c in enumerate(CLASSES)}, metrics)
     report = write_report(run)
     texts = [f["text"] for f in report["findings"]]
-    assert f"No class reaches {READY_RECALL:.2f} recall on the test split (the best, atypical, reaches 0.65): not ready to deploy." in texts
+    verdict = texts[0]
+    assert verdict.startswith(f"No class reaches {READY_RECALL:.2f} recall on the test split: negative 0.50 (95% interval 0.19 to 0.81), ")
+    assert verdict.endswith("not ready to deploy.")
+    for name in CLASSES:  # every class below the bar is named, with its interval
+        assert name in verdict
     assert "41% of indeterminate test studies were predicted typical (9 of 22)." in texts
     assert "ECE 0.12 before and 0.04 after temperature scaling (temperature 1.80, fitted on the validation split)." in texts
     assert any(t.startswith("The pointing game hit 57% of test images") for t in texts)
