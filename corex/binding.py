@@ -203,7 +203,8 @@ def bind_options(
             problems.add(where, f"unknown option{did_you_mean(key, settable) or '.'} Options: {accepted}")
     for name, p in params.items():
         if p.default is inspect.Parameter.empty and name not in options and name not in injected:
-            close = difflib.get_close_matches(name, sorted(injected), n=1, cutoff=0.75)
+            close = difflib.get_close_matches(name, sorted(injected), n=1, cutoff=0.75) or \
+                sorted(i for i in injected if len(name) >= 4 and (i.startswith(name) or name.startswith(i)))[:1]
             if close:
                 owner = f"{label}'s factory" if label else "the factory"
                 problems.add(f"{path}.{name}", f"is required by {owner}, but no recipe should set it: did you mean '{close[0]}', which "

@@ -146,11 +146,15 @@ def check_objective_output(out: Any, culprit: Culprit) -> None:
             raise culprit.fail(f"'{key}' as a scalar to log", shown(value))
 
 
-def check_head_output(output: Any, task: str, image: Tensor, num_classes: int, culprit: Culprit) -> None:
-    """Classification logits (B, K); segmentation logits (B, 1, H, W) at the input's size; any task: a float tensor (B, ...)."""
+def check_head_output(output: Any, task: str, image: Tensor, num_classes: int, culprit: Culprit,
+                      amp: torch.dtype | None = None) -> None:
+    """Classification logits (B, K); segmentation logits (B, 1, H, W) at the input's size; any task: a
+    float32 tensor (B, ...) (or the mixed-precision dtype ``amp`` when the stage runs under it)."""
     size = image.shape[0]
-    if not isinstance(output, Tensor) or not output.is_floating_point() or output.shape[:1] != (size,):
-        raise culprit.fail(f"a float tensor with the batch's {size} samples first", shown(output))
+    allowed = {torch.float32} | ({amp} if amp is not None else set())
+    if not isinstance(output, Tensor) or output.dtype not in allowed or output.shape[:1] != (size,):
+        names = " or ".join(str(d) for d in sorted(allowed, key=str))
+        raise culprit.fail(f"a {names} tensor with the batch's {size} samples first", shown(output))
     if task == "classification" and tuple(output.shape) != (size, num_classes):
         raise culprit.fail(f"logits of shape ({size}, {num_classes}) for the data's {num_classes} classes", shown(output))
     if task == "segmentation" and tuple(output.shape) != (size, 1, *image.shape[2:]):
@@ -158,6 +162,23 @@ def check_head_output(output: Any, task: str, image: Tensor, num_classes: int, c
 
 
 # -- evaluators ------------------------------------------------------------------------------------------
+
+
+def check_intervals(intervals: Any, metrics: Mapping[str, Any], culprit: Culprit) -> dict[str, tuple[float, float]]:
+    """``intervals()``: metric name -> (low, high), two numbers with low <= high, for metrics compute() returned."""
+    if not isinstance(intervals, Mapping):
+        raise culprit.fail("intervals() to return a mapping of metric name to (low, high)", shown(intervals))
+    clean = {}
+    for key, pair in intervals.items():
+        if key not in metrics:
+            raise culprit.fail(f"intervals only for metrics compute() returned ({', '.join(sorted(metrics)[:8])} ...)", f"an interval for '{key}'")
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair):
+            raise culprit.fail(f"the interval of '{key}' as two numbers (low, high)", shown(pair))
+        low, high = float(pair[0]), float(pair[1])
+        if not (math.isnan(low) or math.isnan(high)) and low > high:
+            raise culprit.fail(f"the interval of '{key}' with low <= high", f"({low:g}, {high:g})")
+        clean[key] = (low, high)
+    return clean
 
 
 def check_metrics(metrics: Any, culprit: Culprit, undefined: Mapping[str, str] | None = None) -> dict[str, float]:
@@ -253,5 +274,5 @@ def blame(culprit: Culprit, doing: str) -> Iterator[None]:
                           f"while {doing}{where}").with_traceback(None) from None
 
 
-__all__ = ["Culprit", "blame", "culprit_of", "remember", "check_augmented", "check_batch", "check_head_output", "check_loss", "check_metrics",
+__all__ = ["Culprit", "blame", "culprit_of", "remember", "check_augmented", "check_intervals", "check_batch", "check_head_output", "check_loss", "check_metrics",
            "check_objective_output", "shown"]

@@ -159,7 +159,8 @@ def resume_command(args: argparse.Namespace, out: Path) -> str:
 
     from corex.rundir import RUN_ENVIRONMENT
 
-    words = [f"{key}={shlex.quote(os.environ[key])}" for key in RUN_ENVIRONMENT if key in os.environ]
+    needed = [*RUN_ENVIRONMENT, *(["PYTHONPATH"] if "COREX_PLUGINS" in os.environ else [])]  # where COREX_PLUGINS' modules are found
+    words = [f"{key}={shlex.quote(os.environ[key])}" for key in needed if key in os.environ]
     words += ["corex", "run", shlex.quote(str(args.recipe))]
     words += [f"--set {shlex.quote(value)}" for value in args.overrides]
     return " ".join([*words, "--out", shlex.quote(str(out)), "--resume"])
@@ -268,8 +269,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_data_info(args: argparse.Namespace) -> int:
     from corex.build import build_data
 
+    from collections.abc import Mapping
+
+    from corex.checks import culprit_of, shown
+
     source = build_data(_load(args))
     description = source.describe()
+    if not isinstance(description, Mapping):
+        raise culprit_of(source, "data", "dataset").fail("describe() to return a dict with one entry per split", shown(description))
     if args.json:
         print(json.dumps(description, indent=2, default=str))
         return 0

@@ -32,6 +32,8 @@ def built_problems(kind: str, built: Any, label: str, path: str) -> list[str]:
         value = getattr(built, attribute)
         if expected == "method" and not callable(value):
             wrong.append(f"{attribute} is not callable")
+        elif expected == "method" and (extra := _required_beyond(declared, attribute, value, built)):
+            wrong.append(extra)
         elif expected == "str" and not isinstance(value, str):
             wrong.append(f"{attribute} must be a string, got {value!r}")
         elif expected == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
@@ -47,6 +49,26 @@ def built_problems(kind: str, built: Any, label: str, path: str) -> list[str]:
         problems.append(f"{path}: {label} lacks {', '.join(missing)} (see {where})")
     problems.extend(f"{path}: {label}: {text} (see {where})" for text in wrong)
     return problems
+
+
+def _required_beyond(declared: Any, attribute: str, method: Any, built: Any) -> str | None:
+    """A method that requires more arguments than corex passes (a schedule whose step() needs a metric)."""
+    spec = vars(declared.protocol).get("__call__" if attribute == "forward" else attribute)
+    if spec is None:
+        return None
+    try:
+        passed = [n for n in inspect.signature(spec).parameters if n != "self"]
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p.name for p in parameters if p.default is inspect.Parameter.empty and p.kind in positional]
+    if getattr(built, "needs_model", False):  # called with model= as well
+        required = [name for name in required if name != "model"]
+    if len(required) <= len(passed):
+        return None
+    called = f"({', '.join(passed)})" if passed else "with no argument"
+    return f"{attribute}() requires {', '.join(required)}, but corex calls it {called}"
 
 
 def objective_problems(objective: Any, encoder: Any, label: str, path: str) -> list[str]:

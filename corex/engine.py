@@ -22,6 +22,7 @@ from torch import nn
 
 from corex import distributed, metrics, rundir
 from corex.build import build_data, build_evaluators, build_stage_data, check_components
+from corex.checks import blame, culprit_of, shown
 from corex.curves import plot_curves
 from corex.errors import CorexError
 from corex.evaluation import evaluate_split, format_metric
@@ -211,9 +212,15 @@ def write_data_report(session: Session) -> None:
 
 
 def _describe(source: Any, where: str) -> dict[str, Any]:
-    if isinstance(source, Preparable):
-        source.prepare()
-    description = dict(source.describe())
+    culprit = culprit_of(source, where, "dataset")
+    with blame(culprit, "preparing and describing its data"):
+        if isinstance(source, Preparable):
+            source.prepare()
+        described = source.describe()
+    if not isinstance(described, Mapping):
+        raise culprit.fail("describe() to return a dict with one entry per split ({'train': {'images': ..., 'classes': {...}}, ...})",
+                           shown(described))
+    description = dict(described)
     if getattr(source, "normalization", None) is not None:
         description["normalization"] = source.normalization
     label = "data" if where == "data" else f"data of {where.split('.')[1]}"

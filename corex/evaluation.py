@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 
 from corex import distributed
 from corex.build import build_component
-from corex.checks import blame, check_batch, check_head_output, check_metrics, culprit_of
-from corex.errors import CorexError, RecipeError
+from corex.checks import blame, check_batch, check_head_output, check_intervals, check_metrics, culprit_of
+from corex.errors import CorexError, PluginError, RecipeError
 from corex.interfaces import Calibrated, ExplainsUndefined, HasIntervals, LearnsFromTraining, NeedsModel, SavesArtefacts
 from corex.loaders import RankShard, autocast_dtype, check_intensities, resolve_device, stage_loader, to_device
 from corex.model import CorexModel
@@ -55,7 +55,8 @@ def _outputs(model: CorexModel, loader: DataLoader, heads: list[str], device: to
             if index == 0 and num_classes is not None:
                 for h in heads:
                     module = model.heads[h] if h in getattr(model, "heads", {}) else None
-                    check_head_output(outputs[h], getattr(module, "task", ""), batch["image"], num_classes, culprit_of(module, f"head {h}", "head"))
+                    check_head_output(outputs[h], getattr(module, "task", ""), batch["image"], num_classes,
+                                      culprit_of(module, f"head {h}", "head"), amp)
             yield batch, outputs
             bar.update(1)
 
@@ -137,13 +138,15 @@ def evaluate_loader(
     desc: str | None = None,
     check: Callable[[dict], None] | None = None,
     num_classes: int | None = None,
+    producers: dict[str, str] | None = None,
 ) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
     """Head losses plus every evaluator's metrics and intervals over ``loader``.
 
     ``evaluators`` are ``(recipe path, evaluator)`` pairs; the path names the evaluator in errors.
     The loss is weighted like the training loss, so the curves are comparable. ``desc`` names the
     progress shown while it runs (none without it). ``check`` holds the first batch to the data
-    contract and ``num_classes`` the heads' first outputs to theirs (corex.checks).
+    contract and ``num_classes`` the heads' first outputs to theirs (corex.checks). ``producers``, when
+    given, is filled with which evaluator (recipe key and label) produced each metric.
     """
     for _, evaluator in evaluators:
         evaluator.reset()
@@ -181,6 +184,7 @@ def evaluate_loader(
         metrics["loss"] = sum((weights or {}).get(h, 1.0) * v for h, v in per_head.items())
         if len(heads) > 1:
             metrics.update({f"loss/{h}": v for h, v in per_head.items()})
+    made_by: dict[str, Any] = {}  # metric -> the evaluator's culprit that produced it
     for path, evaluator in evaluators:
         culprit = culprit_of(evaluator, path, "evaluator")
         with blame(culprit, "compute()"):
@@ -190,16 +194,21 @@ def evaluate_loader(
         strict = culprit.third_party or reasons is not None
         for key, value in check_metrics(computed, culprit, (reasons or {}) if strict else None).items():
             if key in metrics:
-                raise CorexError(f"{path}: {culprit.label}'s metric '{key}' is also produced by another evaluator of this stage "
-                                 "(or is the stage's loss); give it another name")
+                other = f"{made_by[key].path}: {made_by[key].label}" if key in made_by else "the stage's loss"
+                raise PluginError(f"{path}: {culprit.label} returns metric '{key}', which {other} returns too: metric names must be "
+                                  "unique among a stage's evaluators; prefix yours (see docs/contract.md#evaluator)")
             metrics[key] = value
+            made_by[key] = culprit
         if isinstance(evaluator, HasIntervals):
             with blame(culprit, "intervals()"):
-                intervals.update(evaluator.intervals())
+                given = evaluator.intervals()
+            intervals.update(check_intervals(given, computed, culprit))
         if artefacts is not None and isinstance(evaluator, SavesArtefacts):
             artefacts.mkdir(parents=True, exist_ok=True)
             with blame(culprit, f"save() into {artefacts}"):
                 evaluator.save(artefacts)
+    if producers is not None:
+        producers.update({key: f"{c.path}: {c.label}" for key, c in made_by.items()})
     return metrics, intervals
 
 

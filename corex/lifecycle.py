@@ -69,6 +69,7 @@ class RunDirectory:
         self.results: dict[str, Any] = {"recipe": recipe.name, "stages": {}}
         self.status = "new"  # new | resumed | complete | extended
         self.created = False  # whether this run made the folder
+        self.started_new = False  # whether this process locked the folder and began a new run in it (what discard may undo)
 
     def close(self) -> None:
         self.lock.release()
@@ -76,7 +77,8 @@ class RunDirectory:
     def discard(self) -> None:
         """Undo a new run that failed before its first stage started (a wrong data.root, a plugin that
         broke at build time): nothing it wrote may block the corrected command. Call before ``close``."""
-        if self.status != "new" or not self.out.is_dir():
+        # Only what this process began: a run refused (folder in use, or holding another run) touches nothing.
+        if not self.started_new or self.status != "new" or not self.out.is_dir():
             return
         for path in self.out.iterdir():
             if path.name != rundir.RunLock.NAME:
@@ -121,6 +123,7 @@ class RunDirectory:
                     f"{flags['overwrite']} to delete it and start afresh, or choose another folder"
                 )
             log(f"corex: new run of '{self.recipe.name}' in {out}")
+            self.started_new = True
             self._write_run_files()
             return
         if not saved.exists():

@@ -33,6 +33,7 @@ Made by `corex run` from the recipe below (recipe.yaml holds it fully resolved).
 | metrics.jsonl | one JSON line per epoch of every train/pretrain stage |
 | results.json | the final metrics of every stage (best checkpoint for train stages), with 95% intervals |
 | report.html, report.md | the deploy-readiness report: figures, tables and findings computed from the numbers |
+| MODEL_CARD.md | the model card, written from the run's metadata and results: intended use, data, results, limitations |
 | curves.png | training loss and validation metrics per epoch, the selected epoch marked |
 | checkpoints/STAGE/ | last.pt (resume), best.pt (best validation), model.pt (what later stages start from) |
 | STAGE/ | what a stage's evaluators and objective wrote: plots, tables, predictions |

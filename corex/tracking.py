@@ -15,6 +15,7 @@ from typing import Any
 
 from corex import rundir
 from corex.build import DEFAULT_CACHE, build_component
+from corex.checks import culprit_of
 from corex.errors import CorexError, PluginError
 from corex.hookspecs import hookimpl
 from corex.lifecycle import flatten
@@ -30,13 +31,14 @@ def _plain(value: Any) -> Any:
 
 
 def _call(path: str, logger: Any, method: str, *args: Any) -> None:
-    """``logger.method(*args)``; a failure is a PluginError naming the logger's recipe path."""
+    """``logger.method(*args)``; a failure is a PluginError naming the logger, its plugin and its recipe key."""
     try:
         getattr(logger, method)(*args)
     except CorexError:
         raise
     except Exception as exc:
-        raise PluginError(f"{path}: the logger's {method}() raised {type(exc).__name__}: {exc}") from exc
+        label = culprit_of(logger, path, "logger").label
+        raise PluginError(f"{path}: {label} raised {type(exc).__name__}: {exc} in {method}() (see docs/contract.md#logger)") from exc
 
 
 class _Feed:

@@ -59,6 +59,7 @@ class _Loop:
     best: dict[str, Any] = attrs.field(factory=lambda: {"epoch": None, "value": None, "metrics": {}})
     checked: bool = False
     validated: bool = False
+    producers: dict[str, str] = attrs.field(factory=dict)  # validation metric -> the evaluator that computes it
 
 
 def train_stage(session: Session, stage: Stage) -> dict[str, Any]:
@@ -144,7 +145,8 @@ def _finish(session: Session, loop: _Loop, best: dict[str, Any], ckpt_dir: Path)
             f"stages.{stage.name}.select.metric: '{metric}' was not a finite number at any of the {len(seen)} validations "
             f"(values {', '.join('nan' if v is None else f'{v:g}' for v in seen[:5])}{' ...' if len(seen) > 5 else ''}), so no epoch "
             "could be selected and the stage has no best checkpoint. Select on a metric the validation split can measure "
-            f"(e.g. select: loss), or check the evaluator that computes '{metric}'; metrics.jsonl holds every epoch's values")
+            f"(e.g. select: loss), or check the evaluator that computes it ({loop.producers.get(metric, 'unknown')}); "
+            "metrics.jsonl holds every epoch's values")
     if best["epoch"] is not None:
         session.load_model(ckpt_dir / "best.pt", f"stages.{stage.name}")
     elif loop.ema is not None:
@@ -328,7 +330,7 @@ def _step_loss(session: Session, loop: _Loop, batch: dict[str, Any], first: bool
     for h in heads:
         head = culprit_of(model.heads[h], f"stages.{stage.name}.heads.{h}", "head")
         if first:
-            check_head_output(outputs[h], getattr(model.heads[h], "task", ""), batch["image"], len(session.class_names), head)
+            check_head_output(outputs[h], getattr(model.heads[h], "task", ""), batch["image"], len(session.class_names), head, loop.dtype)
         with blame(head, "computing the head's loss"):
             losses[h] = model.heads[h].loss(outputs[h], batch)
         if first:
@@ -364,6 +366,7 @@ def _validate(session: Session, loop: _Loop, epoch: int, row: dict[str, Any], be
         amp=autocast_dtype(stage, session.device), channels_last=session.recipe.model.channels_last, where=f"stages.{stage.name}",
         desc=session.progress_desc(f"[{stage.name}] validate"),
         check=data_check(source, session.recipe, stage) if first else None, num_classes=len(source.class_names) if first else None,
+        producers=loop.producers,
     )[0]
     if not session.main:
         return best

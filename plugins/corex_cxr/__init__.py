@@ -33,7 +33,7 @@ from corex import hookimpl
 from corex.interfaces import DataSource
 from corex.lazy import lazy_exports
 from corex_cxr.cli import corex_cli
-from corex_cxr.errors import DataError
+from corex_cxr.errors import DataError, printable
 from corex_cxr.options import CLASS_NAMES, BadSamplePolicy, HardSubgroup, UncertainPolicy, Views
 
 
@@ -202,6 +202,7 @@ __all__ = [
     "folder_source",
     "nih_source",
     "phantom_source",
+    "printable",
     "read_header",
     "read_image",
     "siim_source",

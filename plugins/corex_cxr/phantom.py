@@ -92,8 +92,9 @@ def render_study(
     shows the same patient with different findings. ``difficulty`` in [0, 1]: 0 gives dense,
     canonical findings; 1 faint ones in overlapping places on more varied patients (see the module
     docstring). Boxes are tight around each finding (one per affected lung, or per lesion),
-    loosened a little at random like a radiologist's. ``degrade`` in [0, 1] (0: off) fogs and
-    noises the exposure (:func:`expose`) of the same patient and findings.
+    loosened a little at random like a radiologist's. ``degrade`` in [0, 1] (0: off) makes the
+    findings fainter (their density times ``1 - degrade``: gone at 1) and fogs and noises the exposure
+    (:func:`expose`) of the same patient.
     """
     if label not in range(len(CLASS_COLUMNS)):
         raise ValueError(f"label {label!r} is not a class index in 0..{len(CLASS_COLUMNS) - 1}")
@@ -117,7 +118,10 @@ def render_study(
     thorax = draw_thorax(u, v, anatomy_rng, variation, pixel=2.0 / (drawn * pose.scale))
     findings = draw_findings(u, v, thorax, label, difficulty, finding_rng)
 
-    density = thorax.density + sum(findings, np.zeros_like(thorax.density))
+    # A portable film in a harder subgroup also shows its opacities fainter (scatter, a supine patient,
+    # less inspiration): the findings themselves lose contrast, so the task gets harder, not just noisier.
+    faint = np.float32(1.0 - degrade)
+    density = thorax.density + sum((f * faint for f in findings) if degrade else findings, np.zeros_like(thorax.density))
     density = np.repeat(np.repeat(density, factor, axis=0), factor, axis=1)[:size, :size]
     image = expose(density, imaging_rng, difficulty, degrade)
     boxes = [_box_around(finding, factor, size, finding_rng) for finding in findings if finding.max() > 0]
@@ -658,7 +662,7 @@ def phantom_siim_source(
             root, studies=studies, seed=seed, size=size, difficulty=difficulty, label_noise=label_noise,
             hard_subgroup=hard_subgroup, hard_subgroup_strength=hard_subgroup_strength,
         )
-    return SiimSource(
+    source = SiimSource(
         root=root,
         image_size=image_size,
         seed=seed,
@@ -670,3 +674,6 @@ def phantom_siim_source(
         fold=fold,
         workers=workers,
     )
+    source.provenance = {"synthetic": True, "generator": "corex_cxr.phantom", "settings": settings,
+                         "note": "synthetic chest radiographs drawn by corex: a model trained on them must not be used on patients"}
+    return source

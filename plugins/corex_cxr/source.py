@@ -109,6 +109,8 @@ class CxrSource:
         self._split_of: dict[str, str] = {}
         self._study_stratum: dict[str, int] = {}
         self._cache: CacheBuild | None = None
+        # Where the data came from, when it matters to a reader (the phantom: synthetic); in data.json and exports.
+        self.provenance: dict[str, Any] | None = None
 
     def _accept(
         self, samples: list[Sample], problems: list[dict[str, Any]], fixed: dict[str, str] | None = None
@@ -246,6 +248,8 @@ class CxrSource:
         summary["unusable"] = self._unusable()
         if self._cache is not None:
             summary["intensity"] = {name: self.intensity(name) for name in SPLITS}
+        if self.provenance is not None:
+            summary["provenance"] = dict(self.provenance)
         return summary
 
     def intensity(self, name: str) -> dict[str, Any]:

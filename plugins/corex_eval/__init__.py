@@ -2,15 +2,19 @@
 
 * ``classification``: study-level (or image-level) accuracy, balanced accuracy, macro-F1, AUROC,
   per-class F1, AUROC and AP, the challenge's ``study_map``, calibration (ECE, Brier, and both after
-  temperature scaling fitted on the validation split), bootstrap 95% intervals over patients;
-  confusion matrix, reliability diagram, ROC and precision-recall curves, per-class table and
+  temperature scaling fitted on the validation split), selective prediction (risk-coverage, AURC),
+  bootstrap 95% intervals over patients, exact recall intervals for the verdict; confusion matrix,
+  reliability diagram, ROC, precision-recall and risk-coverage curves, per-class table and
   per-study predictions as artefacts.
 * ``segmentation``: per-image Dice and IoU of the opacity masks, over all annotated images and over
   those with an opacity, the false-positive area on images without one, intervals over patients;
   a gallery of predicted outlines.
 * ``localization``: where the classifier looks: Grad-CAM of the true class against the opacity
-  masks (pointing game, share of saliency inside the mask), with intervals and an overlay gallery.
-  It sets ``needs_model``, so the engine hands it the model as well as the outputs.
+  masks (pointing game, share of saliency inside the mask) next to a fixed point fitted on the
+  training boxes and a uniform map, and RISE's deletion and insertion curves, with intervals and an
+  overlay gallery. It sets ``needs_model``, so the engine hands it the model as well as the outputs.
+* ``subgroups``: the headline classification metrics per value of the DICOM header metadata,
+  against the rest of the split, paired bootstrap differences, Holm-corrected; a forest plot.
 * ``multilabel``: multi-label data (NIH ChestX-ray14, CheXpert): per-label AUROC, AP and F1 at
   per-label thresholds chosen on the validation split, their macro averages, intervals over patients.
 * ``knn``: a weighted cosine kNN classifier on the encoder's pooled features, fitted on the training

@@ -218,13 +218,27 @@ class ClassificationEvaluator:
         return self._temperature
 
     @property
-    def selective_temperature(self) -> float | None:
-        """The temperature selective prediction ranks by: the fitted one when it is within
-        ``SANE_TEMPERATURE`` (outside it, it is no calibration), else ``None`` (raw probabilities)."""
+    def temperature_problem(self) -> str | None:
+        """Why the fitted temperature is no calibration, or ``None``: ``"no validation error"`` (the
+        likelihood rises as ``T`` falls to 0, so the fit stopped at an arbitrary ``T``), ``"too high"``
+        or ``"too low"`` (outside ``SANE_TEMPERATURE``)."""
         temperature = self.temperature
-        if temperature is None or not SANE_TEMPERATURE[0] <= temperature <= SANE_TEMPERATURE[1]:
+        if temperature is None:
             return None
-        return temperature
+        units = self._units(self._calibration)
+        if (units.logits.argmax(1) == units.labels[units.unit]).all():
+            return "no validation error"
+        if temperature > SANE_TEMPERATURE[1]:
+            return "too high"
+        if temperature < SANE_TEMPERATURE[0]:
+            return "too low"
+        return None
+
+    @property
+    def selective_temperature(self) -> float | None:
+        """The temperature selective prediction ranks by: the fitted one unless it is no calibration
+        (:attr:`temperature_problem`), else ``None`` (raw probabilities)."""
+        return None if self.temperature is None or self.temperature_problem else self.temperature
 
     def _selective(self, probabilities: Tensor, labels: Tensor) -> dict[str, float]:
         confidence, predicted = probabilities.max(1)
@@ -355,6 +369,7 @@ class ClassificationEvaluator:
             "level": self.level, "ready_recall": self.ready_recall, "confidence": self.confidence,
             "recall_interval": "Clopper-Pearson (exact)", "target_accuracy": self.target_accuracy,
             "coverages": list(COVERAGES), "temperature": self.temperature, "sane_temperature": list(SANE_TEMPERATURE),
+            "temperature_problem": self.temperature_problem,
             "selective_ranking": ranking,
         })
         # New columns go at the end, so readers of earlier files keep working.

@@ -65,6 +65,28 @@ METRICS = (
     Metric("saliency_in_mask", "saliency inside the boxes"),
     Metric("mask_area", "box area (a uniform map's pointing-game hit rate)", higher_is_better=None),
     Metric("n_localized", "images with boxes scored", higher_is_better=None, bounds=None),
+    Metric("pointing_game/prior", "pointing game of the training boxes' fixed point",
+           description="share of images whose box holds the one pixel inside the most training boxes"),
+    Metric("pointing_game/vs_prior", "pointing game minus the fixed point's", bounds=(-1.0, 1.0)),
+    Metric("deletion_auc", "deletion AUC (RISE)", higher_is_better=False,
+           description="true-class probability as the most salient pixels are removed first, area over the share removed"),
+    Metric("insertion_auc", "insertion AUC (RISE)", description="true-class probability as the most salient pixels are put back first"),
+    Metric("deletion_auc/random", "deletion AUC of a random pixel order", higher_is_better=None),
+    Metric("insertion_auc/random", "insertion AUC of a random pixel order", higher_is_better=None),
+    Metric("deletion_auc/vs_random", "deletion AUC minus a random order's", higher_is_better=False, bounds=(-1.0, 1.0)),
+    Metric("insertion_auc/vs_random", "insertion AUC minus a random order's", bounds=(-1.0, 1.0)),
+    # selective prediction (classification)
+    Metric("selective/aurc", "AURC (risk-coverage)", higher_is_better=False,
+           description="area under the risk-coverage curve of the calibrated top-class probability"),
+    Metric("selective/e_aurc", "excess AURC over an oracle ranking", higher_is_better=False),
+    Metric("selective/accuracy_at_90", "accuracy on the 90% most confident studies"),
+    Metric("selective/accuracy_at_80", "accuracy on the 80% most confident studies"),
+    Metric("selective/coverage_at_target", "share of studies answered at the target accuracy"),
+    # subgroups
+    Metric("subgroups/examined", "subgroups examined", higher_is_better=None, bounds=None),
+    Metric("subgroups/tests", "subgroup tests corrected for", higher_is_better=None, bounds=None),
+    Metric("subgroups/worse", "subgroups worse than the rest beyond chance", higher_is_better=False, bounds=None),
+    Metric("subgroup/*", "a metric on a subgroup, or its difference from the rest", bounds=None),
     # multilabel
     Metric("multilabel/auroc", "macro AUROC over findings", headline=True,
            description="AUROC of each finding over its known labels, averaged over findings with a positive and a negative"),
@@ -103,7 +125,8 @@ ARTEFACTS = {
                                  "predicted one (red), with each image's Dice.",
     "saliency_examples.png": "Saliency gallery from the {split} split: Grad-CAM of the true class (colour, blue low to red "
                              "high) over the image, box outlines in green; a hit means the saliency maximum lies inside a box.",
-    "per_class.csv": "Per class on the {split} split: support, precision, recall, F1, AUROC and AP.",
+    "per_class.csv": "Per class on the {split} split: support, precision, recall, F1, AUROC and AP, the recalled count and "
+                     "the recall's exact (Clopper-Pearson) interval.",
     "predictions.csv": "One row per scored study of the {split} split: its label, the predicted class and every class's probability.",
     "multilabel_per_label.csv": "Per finding on the {split} split: positives, negatives and unknown labels, AUROC, AP, the "
                                 "decision threshold and where it comes from (F1-best on validation, fixed or the default "
@@ -112,4 +135,12 @@ ARTEFACTS = {
                                   "(empty where unknown).",
     "knn_predictions.csv": "One row per scored study of the {split} split: its label, the kNN prediction and every class's "
                            "vote share (for multi-label data: every finding's score and label).",
+    "risk_coverage.png": "Risk-coverage curve on the {split} split: the error rate among the studies answered when the least "
+                         "confident are referred, against the share answered, for the model and for an oracle that ranks every "
+                         "error last; the 90% and 80% coverages marked.",
+    "subgroups.png": "Subgroups of the {split} split by DICOM header value: each subgroup's macro-F1, balanced accuracy, accuracy "
+                     "and AUROC minus the rest of the split's, with 95% patient-bootstrap intervals; red where worse beyond "
+                     "chance after the multiplicity correction.",
+    "subgroups.csv": "Per subgroup and metric on the {split} split: size, the subgroup's value and interval, the rest's, the "
+                     "paired difference and its interval, the p-value and its corrected value, and whether it is worse beyond chance.",
 }

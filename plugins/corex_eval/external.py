@@ -75,7 +75,8 @@ def header_shift(train: Mapping[str, Mapping[str, int]], external: Mapping[str, 
         p, q = shares(train[field]), shares(external[field])
         if not p or not q:
             continue
-        value = max(set(p) | set(q), key=lambda v: (abs(p.get(v, 0.0) - q.get(v, 0.0)), v))
+        # The value whose share moved most (on a tie, the one more common in the external data).
+        value = max(set(p) | set(q), key=lambda v: (round(abs(p.get(v, 0.0) - q.get(v, 0.0)), 12), q.get(v, 0.0), v))
         shifts[field] = {"distance": total_variation(p, q), "value": value, "train": p.get(value, 0.0), "external": q.get(value, 0.0)}
     return shifts
 

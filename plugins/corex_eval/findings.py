@@ -99,7 +99,7 @@ def stage_findings(run_dir: Path, stage: str, result: dict[str, Any]) -> list[Fi
         found.append(_finding(f"Study-level mAP (the SIIM-FISABIO-RSNA study score) {metrics['study_map']:.3f}.",
                               "study_map", metrics["study_map"], "results.json", stage))
 
-    found.extend(sentences.calibration_finding(metrics, stage))
+    found.extend(sentences.calibration_finding(metrics, stage, settings.get("temperature_problem")))
     found.extend(sentences.selective_finding(metrics, intervals, settings, level, stage))
     found.extend(sentences.subgroup_findings(folder, metrics, stage))
 

@@ -45,7 +45,9 @@ def classification_settings(folder: Path) -> dict[str, Any]:
             "confidence": float(settings.get("confidence", CONFIDENCE)),
             "target_accuracy": float(settings.get("target_accuracy", TARGET_ACCURACY)),
             "coverages": tuple(settings.get("coverages", COVERAGES)),
-            "selective_ranking": settings.get("selective_ranking", "")}
+            "selective_ranking": settings.get("selective_ranking", ""),
+            "units": {"study": "studies", "image": "images"}.get(settings.get("level", "")),
+            "temperature_problem": settings.get("temperature_problem")}
 
 
 def rule(ready_recall: float, confidence: float) -> str:
@@ -166,11 +168,18 @@ def hardest_finding(f1: Mapping[str, float], stage: str) -> list[Finding]:
 # -- calibration ---------------------------------------------------------------------------------------
 
 
-def calibration_finding(metrics: Mapping[str, float], stage: str) -> list[Finding]:
-    """ECE before and after temperature scaling, unless the temperature is no calibration at all."""
+def calibration_finding(metrics: Mapping[str, float], stage: str, problem: str | None = None) -> list[Finding]:
+    """ECE before and after temperature scaling, unless the temperature is no calibration at all
+    (``problem``: the evaluator's ``temperature_problem``, read from classification.json)."""
     if "ece" not in metrics:
         return []
     temperature = metrics.get("temperature")
+    if temperature is not None and problem == "no validation error":
+        text = (f"Temperature scaling found no error on the validation split to learn from, so no temperature is best (the "
+                f"fit stopped at T = {temperature:.3g}): the figures after scaling are not a calibration of this model; ECE "
+                f"before scaling {metrics['ece']:.2f}.")
+        also = [{"metric": "ece", "value": metrics["ece"], "source": "results.json"}]
+        return [_finding(text, "temperature", temperature, "results.json", stage, also)]
     if temperature is not None and math.isfinite(temperature) and not SANE_TEMPERATURE[0] <= temperature <= SANE_TEMPERATURE[1]:
         low, high = SANE_TEMPERATURE
         if temperature > high:
@@ -212,13 +221,14 @@ def selective_finding(metrics: Mapping[str, float], intervals: Mapping[str, Any]
     kept = {s: metrics[f"selective/accuracy_at_{round(100 * s)}"] for s in shares}
     deepest = shares[-1]
     also = [{"metric": "accuracy", "value": accuracy, "source": "results.json"}]
-    also += [{"metric": f"selective/accuracy_at_{round(100 * s)}", "value": kept[s], "source": "results.json"} for s in shares
-             if s != deepest]
     ranking = settings.get("selective_ranking") or "the top-class probability"
+    level = settings.get("units") or level
     if kept[deepest] > accuracy + TIE:
         others = "; ".join(f"the {1 - s:.0%} least confident: {kept[s]:.2f}" for s in shares if s != deepest)
         text = (f"Referring the {1 - deepest:.0%} least confident {level} to a reader raises accuracy on the rest from "
                 f"{accuracy:.2f} to {kept[deepest]:.2f}" + (f" ({others})" if others else "") + ".")
+        also += [{"metric": f"selective/accuracy_at_{round(100 * s)}", "value": kept[s], "source": "results.json"}
+                 for s in shares if s != deepest]
     else:
         text = (f"Referring the {1 - deepest:.0%} least confident {level} does not raise accuracy ({accuracy:.2f} on all, "
                 f"{kept[deepest]:.2f} on the rest): the confidence does not rank the errors last.")
@@ -273,7 +283,8 @@ def subgroup_findings(folder: Path, metrics: Mapping[str, float], stage: str) ->
         if not worse:
             continue
         row = worse[0]  # the first metric in the evaluator's order (macro-F1 first)
-        found.append(_subgroup_sentence(row, level, f", worse beyond chance after {family}", stage,
+        tail = f", worse beyond chance after {correction} over {tests} tests ({count} by {len(METRIC_TITLES)} metrics)"
+        found.append(_subgroup_sentence(row, level, tail, stage,
                                         [r["metric"] for r in worse[1:]]))
     if found:
         return found

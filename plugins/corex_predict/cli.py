@@ -12,12 +12,17 @@ TTA_HELP = "test-time augmentation views averaged with the original, comma-separ
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
-        "export", help="write a run's whole model (or its encoder) as one file that loads without pickle",
-        description="Write the model of a run (encoder and heads) plus everything needed to use it into OUT "
-                    "(weights_only torch file) and OUT with suffix .json (the same metadata, readable).",
+        "export", help="write a run's whole model (or its encoder) as one file: .pt, .onnx or .ts",
+        description="Write the model of a run (encoder and heads, and the input gate the run fitted) plus everything needed "
+                    "to use it into OUT: a weights_only torch file (.pt), an ONNX graph (.onnx, run with onnxruntime) or a "
+                    "TorchScript graph (.ts, run with torch.jit.load); the metadata is embedded where the format allows and "
+                    "written beside as OUT with suffix .json, and MODEL_CARD.md beside it.",
     )
     export.add_argument("run_dir", type=Path, help="a corex run directory")
-    export.add_argument("output", type=Path, help="the .pt file to write (metadata goes beside it as .json)")
+    export.add_argument("output", type=Path, help="the file to write: .pt, .onnx or .ts (metadata goes beside it as .json)")
+    export.add_argument("--format", choices=("pt", "onnx", "torchscript"), help="default: from OUT's suffix")
+    export.add_argument("--onnx-exporter", choices=("dynamo", "legacy"), default="dynamo",
+                        help="torch.onnx's torch.export-based exporter (default) or the older TorchScript-based one (faster)")
     export.add_argument("--stage", help="the stage whose final model to export (default: the last stage that produced one)")
     export.add_argument("--encoder-only", action="store_true", help="only the encoder's state dict with clean keys, for transfer")
     export.set_defaults(handler=cmd_export)
@@ -41,6 +46,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                          "(default: the deepest whose map is at least 8 pixels a side)")
     predict.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     predict.add_argument("--workers", type=int, default=0, help="decoding processes (0: decode in this process)")
+    predict.add_argument("--gate", choices=("warn", "strict", "off"), default="warn",
+                         help="the input gate (DICOM header checks; the out-of-distribution score when the model carries one): "
+                              "warn (default: flagged inputs are predicted and marked), strict (refused: exit 2), off")
     predict.add_argument("--no-progress", action="store_true")
     predict.set_defaults(handler=cmd_predict)
 
@@ -66,30 +74,51 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from corex_predict.export import export_model
 
-    meta = export_model(args.run_dir, args.output, stage=args.stage, encoder_only=args.encoder_only)
+    meta = export_model(args.run_dir, args.output, stage=args.stage, encoder_only=args.encoder_only, format=args.format,
+                        onnx_exporter=args.onnx_exporter)
     what = "encoder" if args.encoder_only else f"model (encoder + {', '.join(meta['heads']) or 'no'} heads)"
-    print(f"wrote {args.output}: stage '{meta['stage']}' {what}, {meta['arch']}, {meta['parameters']:,} parameters; "
-          f"metadata in {args.output.with_suffix('.json')}")
+    kind = (meta.get("graph") or {}).get("kind", "pt") if not args.encoder_only else "pt"
+    gate = " with its input gate" if meta.get("input_gate") and not args.encoder_only else ""
+    from corex_predict.export import metadata_path
+
+    print(f"wrote {args.output} ({kind}): stage '{meta['stage']}' {what}{gate}, {meta['arch']}, {meta['parameters']:,} parameters; "
+          f"metadata in {metadata_path(args.output, kind)}; model card beside it")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from corex_predict.inputs import display_name
     from corex_predict.model import load_model
-    from corex_predict.prediction import predict, write_predictions
+    from corex_predict.prediction import check_out, predict, write_predictions
 
+    check_out(args.out)  # before any work
     model = load_model(args.model, stage=args.stage, device=args.device)
     predictions = predict(
         model, args.inputs, batch_size=args.batch_size, tta=args.tta, study_csv=args.study_csv,
         saliency=args.out / "saliency" if args.saliency else None, saliency_level=args.saliency_level,
-        workers=args.workers, progress=not args.no_progress,
+        workers=args.workers, progress=not args.no_progress, gate=args.gate,
     )
     json_path, csv_path = write_predictions(predictions, args.out)
     _print_table(predictions)
+    for warning in predictions.info.get("warnings", []):
+        print(f"corex predict: note: {warning}", file=sys.stderr)
     for entry in predictions.skipped:
         print(f"corex predict: skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
+    for record in predictions.flagged:
+        print(f"corex predict: flagged {record['file']}: {record['flags']} (predicted anyway; --gate strict refuses flagged inputs)",
+              file=sys.stderr)
+    for entry in predictions.refused:
+        print(f"corex predict: refused {entry['file']}: {entry['flags']}", file=sys.stderr)
     images, studies = len(predictions.images), len(predictions.studies)
-    print(f"predicted {images} image(s) in {studies} study(ies), skipped {len(predictions.skipped)}; "
-          f"wrote {json_path} and {csv_path}", file=sys.stderr)
+    gate = predictions.info.get("gate", {})
+    checks = "off" if not gate.get("header_checks") else ("header checks and out-of-distribution score" if gate.get("out_of_distribution")
+                                                          else "header checks only (the model carries no fitted gate)")
+    print(f"predicted {images} image(s) in {studies} study(ies), flagged {len(predictions.flagged)}, refused {len(predictions.refused)}, "
+          f"skipped {len(predictions.skipped)} (input gate: {checks}); wrote {display_name(json_path)} and {display_name(csv_path)}",
+          file=sys.stderr)
+    if predictions.refused:
+        print(f"corex predict: --gate strict refused {len(predictions.refused)} input(s) (reasons above)", file=sys.stderr)
+        return 2
     return 1 if predictions.skipped else 0
 
 
@@ -100,7 +129,8 @@ def _print_table(predictions, limit: int = 20) -> None:
         name = record["study_id"] if record["level"] == "study" else record["file"]
         probs = " ".join(f"{c[5:]}={record[c]:.3f}" for c in prob_columns)
         extra = f" opacity={record['opacity_fraction']:.1%}" if "opacity_fraction" in record else ""
-        print(f"{record['level']:5s} {record.get('predicted', '-'):14s} {probs}{extra}  {name}")
+        flags = f"  [flagged: {record['flags']}]" if record.get("flags") else ""
+        print(f"{record['level']:5s} {record.get('predicted', '-'):14s} {probs}{extra}  {name}{flags}")
     if len(predictions) > len(rows):
         print(f"... {len(predictions) - len(rows)} more records in predictions.csv")
 

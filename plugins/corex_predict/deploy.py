@@ -147,7 +147,7 @@ def _write_onnx(module: DeployModule, example: Tensor, output: Path, meta: Mappi
         try:
             if exporter == "dynamo":
                 program = torch.onnx.export(module, (example,), None, input_names=[INPUT], output_names=names, dynamo=True,
-                                            external_data=False, dynamic_shapes={INPUT: {0: torch.export.Dim("batch", min=1)}})
+                                            external_data=False, verbose=False, dynamic_shapes={INPUT: {0: torch.export.Dim("batch", min=1)}})
                 program.save(str(temporary), external_data=False)
             else:
                 torch.onnx.export(module, (example,), str(temporary), input_names=[INPUT], output_names=names, dynamo=False,
@@ -238,6 +238,8 @@ class RuntimeModel:
         self.device = torch.device(device)
         if self.kind == "torchscript":
             self._run.to(self.device)
+        elif self.device.type == "cuda":
+            _select_provider(self._run)
         self._last = None
         return self
 
@@ -293,7 +295,8 @@ def read_graph_metadata(path: Path, kind: str) -> tuple[dict[str, Any], Any]:
     else:
         extra = {TS_EXTRA: ""}
         try:
-            runnable = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            with _quiet():
+                runnable = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as exc:  # noqa: BLE001
             raise CorexError(f"model {where} is not a readable TorchScript file ({str(exc).strip().splitlines()[0][:200]})") from None
         runnable.eval()
@@ -317,8 +320,6 @@ def read_graph_metadata(path: Path, kind: str) -> tuple[dict[str, Any], Any]:
 def load_graph(path: Path, kind: str) -> RuntimeModel:
     """An ONNX or TorchScript export, ready to call."""
     meta, runnable = read_graph_metadata(Path(path), kind)
-    if kind == "onnx":
-        _select_provider(runnable)
     return RuntimeModel(Path(path), kind, meta, runnable)
 
 
@@ -329,7 +330,7 @@ def _select_provider(session: Any) -> None:
 
         if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and torch.cuda.is_available():
             session.set_providers(["CUDAExecutionProvider", "CPUExecutionProvider"])
-    except Exception:  # noqa: BLE001 -- the CPU always works
+    except Exception:  # noqa: BLE001, S110 -- the CPU always works
         pass
 
 

@@ -49,6 +49,7 @@ def evaluate(
     registry = registry or Registry()
     views = parse_tta(tta)
     loaded = load_model(model, stage=stage, registry=registry)
+    loaded.require_torch("corex evaluate")
     recipe = loaded.recipe(list(overrides))
     loaded.to(device or recipe.device)
     spec = _evaluation_stage(recipe, split, evaluators, loaded, registry)
@@ -69,10 +70,13 @@ def evaluate(
         return corex.evaluate_split(model, source, recipe, spec, evaluators, loaded.device, split=split, heads=heads, weights=weights,
                               artefacts=artefacts, desc=f"[evaluate] {label}", channels_last=loaded.channels_last)
 
-    metrics, intervals = run(loaded.model, corex.build_evaluators(spec, loaded.class_names, registry, split), folder, split)
+    def build():
+        return with_fitted_gate(corex.build_evaluators(spec, loaded.class_names, registry, split), loaded.gate)
+
+    metrics, intervals = run(loaded.model, build(), folder, split)
     if views:
-        # Evaluators that look inside the model (Grad-CAM) would see the plain model: run them once.
-        plain_only = [(path, e) for path, e in corex.build_evaluators(spec, loaded.class_names, registry, split) if not (isinstance(e, NeedsModel) and e.needs_model)]
+        # Evaluators that look inside the model (Grad-CAM, the gate) would see the plain model: run them once.
+        plain_only = [(path, e) for path, e in build() if not (isinstance(e, NeedsModel) and e.needs_model)]
         tta_metrics, tta_intervals = run(TTAModel(loaded.model, views), plain_only, folder / "tta", f"{split} with tta")
         metrics.update({f"tta/{k}": v for k, v in tta_metrics.items()})
         intervals.update({f"tta/{k}": v for k, v in tta_intervals.items()})
@@ -86,13 +90,28 @@ def evaluate(
         "stage": loaded.meta.get("stage"),
         "recipe_digest": loaded.meta.get("recipe_digest"),
         "split": split,
-        "evaluators": [c.name for c in spec.evaluators],
+        "evaluators": [c.name for c in spec.evaluators] + (["input_gate"] if loaded.gate is not None and
+                                                            "input_gate" not in [c.name for c in spec.evaluators] else []),
         "tta": [view.name for view in views],
         "overrides": list(overrides),
         "stages": {"evaluate": result},
     }
     rundir.write_json(folder / "results.json", results)
     return results, folder
+
+
+def with_fitted_gate(evaluators: list[tuple[str, Any]], gate: Any) -> list[tuple[str, Any]]:
+    """A model that carries a fitted input gate is judged by that gate, not by one fitted again on
+    this data (which may be another source): each ``input_gate`` evaluator is replaced by it, and it
+    is added when none is listed."""
+    if gate is None:
+        return evaluators
+    from corex_predict.gate import FittedGateEvaluator, GateEvaluator
+
+    replaced = [(path, FittedGateEvaluator(gate) if isinstance(e, GateEvaluator) else e) for path, e in evaluators]
+    if not any(isinstance(e, GateEvaluator) for _, e in evaluators):
+        replaced.append(("input_gate (the model's fitted gate)", FittedGateEvaluator(gate)))
+    return replaced
 
 
 def _evaluation_stage(recipe: Recipe, split: str, names: Sequence[str] | None, loaded, registry: Registry) -> Stage:

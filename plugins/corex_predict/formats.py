@@ -37,8 +37,8 @@ def check_format(found: Any, expected: str, where: str, written_by: Any = None) 
     if got is not None and got[0] == want[0] and got[1] <= want[1]:
         return
     if got is not None and got[0] == want[0]:
-        raise CorexError(f"{where}: its format is {found!r}{by}, newer than this corex {__version__} reads ({expected!r}); "
-                         f"upgrade corex to use it")
+        raise CorexError(f"{where}: its format is {found!r}{by}, but this corex ({__version__}) reads {expected!r} and older: "
+                         "the file is newer than this corex; upgrade corex to use it")
     shown = repr(found) if found is not None else "missing"
     raise CorexError(f"{where}: its format {shown}{by} is not one this corex {__version__} knows (it reads {expected!r}); "
                      "it was not written by `corex export`, or by a corex that writes another format")

@@ -12,21 +12,42 @@ picture (PNG/JPEG) without one is a study of its own.
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from corex_cxr import FULL_SCALE, PICTURE_SUFFIXES, DataError, decode_to_cache, read_header, read_image
+from corex_cxr import (
+    FULL_SCALE,
+    PICTURE_SUFFIXES,
+    DataError,
+    decode_to_cache,
+    read_header,
+    read_image,
+)
 from torch.utils.data import Dataset
 
 from corex.errors import CorexError
+from corex_predict.gate import header_fields
 
 # What a folder walk picks up; a file named on the command line is tried whatever its suffix.
 IMAGE_SUFFIXES = (".dcm", ".dicom", *PICTURE_SUFFIXES)
 FILE_COLUMNS = ("path", "file", "image", "image_path", "filename", "file_name")
 STUDY_COLUMNS = ("study", "study_id", "studyinstanceuid", "study_uid", "study_instance_uid")
+
+
+def display_name(path: str | Path) -> str:
+    """``path`` as text that every file, terminal and JSON reader takes: a name whose bytes are not
+    valid UTF-8 (``b"scan\\xff.png"``, read by Python as a lone surrogate) shows them escaped
+    (``scan\\xff.png``); a valid name is unchanged."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
 def find_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[dict[str, str]]]:
@@ -45,7 +66,7 @@ def find_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[dict[str
         elif path.is_file():
             files.append(path)
         else:
-            missing.append({"file": str(path), "reason": "does not exist"})
+            missing.append({"file": display_name(path), "reason": "does not exist"})
     unique = list(dict.fromkeys(files))  # a file named twice is predicted once
     return unique, missing
 
@@ -98,20 +119,25 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
-        item: dict[str, Any] = {"index": index, "file": str(path)}
+        item: dict[str, Any] = {"index": index, "file": display_name(path)}
+        header: dict[str, str] = {}
         try:
             study = study_of(path, self.studies)
-            if path.suffix.lower() not in PICTURE_SUFFIXES and study is None:
-                uid = read_header(path).get("StudyInstanceUID")  # a cheap header read
-                study = str(uid).strip() if uid else None
+            if path.suffix.lower() not in PICTURE_SUFFIXES:
+                dataset = read_header(path)  # a cheap header read: the study and the gate's header checks
+                header = header_fields(dataset)
+                if study is None:
+                    uid = dataset.get("StudyInstanceUID")
+                    study = str(uid).strip() if uid else None
             pixels, geometry = decode_to_cache(path, self.image_size, read_image)
         except DataError as error:
             return {**item, "error": error.reason}
-        except Exception as error:  # one odd file must not stop a folder of thousands
+        except Exception as error:  # noqa: BLE001 -- one odd file must not stop a folder of thousands
             return {**item, "error": f"cannot be decoded ({type(error).__name__}: {error})"}
         # As the cache serves it: uint16 / 65535 in float32 (corex_cxr.cache.CachedImages).
         image = np.multiply(pixels, np.float32(1.0 / FULL_SCALE), dtype=np.float32)
-        return {**item, "image": torch.from_numpy(image).unsqueeze(0), "study_id": study or str(path), "geometry": geometry}
+        return {**item, "image": torch.from_numpy(image).unsqueeze(0), "study_id": display_name(study or path), "geometry": geometry,
+                "header": header}
 
 
 def collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

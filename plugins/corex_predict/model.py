@@ -40,7 +40,7 @@ SYNTHETIC_SOURCES = {
     "toy": "corex.testing's toy data: bright squares on noise",
 }
 # Recipe data options that say how to read the data, not what the data are.
-MACHINERY_OPTIONS = ("name", "cache_dir", "workers", "batch_size", "root")
+MACHINERY_OPTIONS = ("name", "cache_dir", "workers", "num_workers", "batch_size", "root")
 ENCODER_FORMAT = "corex-encoder/1"
 INTENSITY = "float32 in [0, 1]: 0 = air (black), 1 = dense (white); MONOCHROME2 after modality and VOI LUTs"
 # Options that point at initial weights: the weights come from the model file instead.

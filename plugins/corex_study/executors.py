@@ -184,7 +184,8 @@ class LocalProcesses:
 
     def describe(self) -> str:
         gpus = f", each on its own GPU ({', '.join('cuda:' + d for d in self.devices)})" if self.devices else ""
-        return f"{self.capacity} runs at once in worker processes, {self.threads} torch thread{'s' if self.threads != 1 else ''} each{gpus}"
+        runs = "1 run at a time in a worker process" if self.capacity == 1 else f"{self.capacity} runs at once in worker processes"
+        return f"{runs}, {self.threads} torch thread{'s' if self.threads != 1 else ''} each{gpus}"
 
     def check(self, jobs: list[Any]) -> None:
         if not self.devices:

@@ -195,8 +195,8 @@ def plan(recipes: list[Path], seeds: list[int] | None, fractions: list[float], o
     jobs: list[Job] = []
     groups: dict[str, str] = {}  # pre-training key -> directory name
     sources: dict[str, Any] = {}  # data sources built to count training images, by data block and seed
+    shared: dict[tuple[str, int, int], Job] = {}  # (pre-training key, its data seed, training seed) -> its job
     for data_seed, seed in pairs:
-        shared: dict[tuple[str, int], Job] = {}
         seed_overrides = [f"seed={seed}", "data.seed=null" if data_seed == seed else f"data.seed={data_seed}"]
         for name, path in chosen:
             for fraction in sorted(fractions, reverse=True):
@@ -213,13 +213,13 @@ def plan(recipes: list[Path], seeds: list[int] | None, fractions: list[float], o
                     depends = uses_recipe_data(pre, names_pre)
                     # The key in the name: another pre-training can never take this one's folder.
                     groups.setdefault(key, f"{pre['name'].removeprefix('pretrain-')}-{key}")
-                    pre_data_seed = data_seed if depends else seed
-                    if (key, pre_data_seed) not in shared:
-                        pre_out = out / PRETRAIN_DIR / groups[key] / seed_dir(pre_data_seed, seed)
-                        shared[(key, pre_data_seed)] = Job("pretrain", groups[key], seed, 1.0, pre, pre_out, data_seed=pre_data_seed)
-                        jobs.append(shared[(key, pre_data_seed)])
-                    needs = [shared[(key, pre_data_seed)]]
-                    pretrain_out = shared[(key, pre_data_seed)].out
+                    shared_key = (key, data_seed if depends else seed, seed)
+                    if shared_key not in shared:
+                        pre_out = out / PRETRAIN_DIR / groups[key] / seed_dir(shared_key[1], seed)
+                        shared[shared_key] = Job("pretrain", groups[key], seed, 1.0, pre, pre_out, data_seed=shared_key[1])
+                        jobs.append(shared[shared_key])
+                    needs = [shared[shared_key]]
+                    pretrain_out = shared[shared_key].out
                 finetune = arm_recipe(resolved, names_pre, pretrain_out)
                 jobs.append(Job("arm", name, seed, fraction, finetune, out / name / fraction_dir(fraction) / seed_dir(data_seed, seed),
                                 needs, data_seed=data_seed))

@@ -313,9 +313,12 @@ def test_the_resume_hint_after_ctrl_c_works_as_typed_when_the_run_used_corex_cac
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in err, f"exit {process.returncode}\n{err[-3000:]}"
-    [hint] = [line.split("continue with:", 1)[1].strip() for line in err.splitlines() if "continue with:" in line]
-    # Typed in a new shell: COREX_CACHE is not set there (the hint must carry it, or the run must remember it).
-    shell_env = base_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    hints = [found.group(1).strip() for line in err.splitlines() if (found := re.search(r"continue with:(.+)$", line, re.I))]
+    assert len(hints) == 1, f"expected one line saying how to continue:\n{err[-3000:]}"
+    hint = hints[0]
+    # Typed in a new shell: COREX_CACHE is not set there (the hint must carry it, or the run must remember it);
+    # the shell's profile puts the pause plugin's folder on PYTHONPATH, as a user's would for a plugin of theirs.
+    shell_env = base_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(tmp_path))
     typed = subprocess.run(["bash", "-c", hint], env=shell_env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert "Traceback" not in typed.stderr, typed.stderr[-3000:]
     assert typed.returncode == 0, f"`{hint}` gave exit {typed.returncode}:\n{typed.stderr[-3000:]}"

@@ -127,7 +127,17 @@ def test_a_value_out_of_its_range_is_a_problem_at_its_path(tiny_recipe, what, ov
     "schedule.min_lr_ratio=1", "schedule.warmup_epochs=0", "optimizer.weight_decay=0", "stages.train.heads.segmentation.weight=0",
 ])
 def test_values_at_the_edges_of_their_ranges_are_accepted(tiny_recipe, override):
-    load_recipe(tiny_recipe, [override])
+    key, text = override.split("=", 1)
+    resolved = load_recipe(tiny_recipe, [override]).resolved(Path("/cache"))
+    node = resolved
+    for part in key.split("."):
+        node = node[part]
+    # The value read is the value given (a stage's null batch size inherits data.batch_size, 8).
+    expected = 8 if override == "stages.train.batch_size=null" else yaml.safe_load(text)
+    assert node == expected and isinstance(node, str) == isinstance(expected, str), (override, node)
+    if key.startswith(("optimizer.", "schedule.")):  # the top-level block is what the train stage uses
+        stage_node = resolved["stages"]["train"][key.split(".")[0]][key.split(".")[1]]
+        assert stage_node == expected, (override, stage_node)
 
 
 def test_a_stage_without_batch_size_inherits_the_data_batch_size(tiny_recipe):

@@ -2,8 +2,11 @@
 naming the key, never a traceback (``corex validate``, driven in-process).
 
 Each key of the tiny recipe has a strategy of values that are wrong for it (wrong type, out of
-range, not finite, not one of the choices), written here from the documented ranges rather than
-read from the schema, so that a range the schema forgets fails this test.
+range, not finite, not one of the choices). The ranged keys and their ranges are read from the
+schema (every field whose metadata ``check`` is a :class:`corex.schema.Limits`), so a new ranged key
+is fuzzed without touching this file; a schema class with ranged keys that this file cannot place
+in a recipe fails ``test_the_strategies_cover_every_ranged_key_of_the_schema``. The other keys
+(choices, booleans, strings, the device) are listed here.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import json
 import math
 import string
 
+import attrs
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from corex import schema
 from corex.cli import main
 
 # -- values that are wrong for a kind of key -------------------------------------------------------
@@ -90,38 +95,63 @@ def bad_device():
     return st.one_of(st.text(alphabet=string.ascii_lowercase + ":0123456789", min_size=1, max_size=8).filter(lambda t: not valid(t)), not_a_string)
 
 
-# Every key a user may get wrong, and values that are wrong for it (tiny recipe: stages train, test).
+# Where each schema class with ranged keys sits in the tiny recipe (stages train, test).
+RANGED_CLASSES = {
+    schema.Recipe: "", schema.Data: "data.", schema.Optimizer: "optimizer.", schema.Schedule: "schedule.",
+    schema.Stage: "stages.train.", schema.Head: "stages.train.heads.segmentation.",
+}
+
+
+def bad_for_limits(limits: schema.Limits, kind: str) -> st.SearchStrategy:
+    """Values a field of type ``kind`` (int, float, a tuple of floats) with these limits must refuse."""
+    if kind == "tuple":
+        good = st.floats(min_value=limits.low, max_value=limits.high, exclude_min=limits.low_open, exclude_max=limits.high_open)
+        bad = bad_for_limits(limits, "float").filter(lambda v: isinstance(v, float))
+        pairs = st.one_of(st.tuples(bad, good), st.tuples(good, bad)).map(list)
+        return st.one_of(pairs, st.lists(good, min_size=3, max_size=4), not_a_number.filter(lambda v: v is not None))
+    if kind == "int":
+        low = None if limits.low is None else int(limits.low) + limits.low_open
+        high = None if limits.high is None else int(limits.high) - limits.high_open
+        options = [bad_int(low, high)]
+        if limits.multiple_of:
+            options.append(st.integers(low, high).filter(lambda n: n % limits.multiple_of))
+        return st.one_of(options)
+    return bad_float(limits.low, limits.high, low_ok=not limits.low_open, high_ok=not limits.high_open)
+
+
+def ranged_keys() -> dict[str, st.SearchStrategy]:
+    """Every ranged key of the schema at its place in the tiny recipe, with values out of its range."""
+    found = {}
+    for cls, prefix in RANGED_CLASSES.items():
+        for field in attrs.fields(attrs.resolve_types(cls)):
+            limits = field.metadata.get("check")
+            if not isinstance(limits, schema.Limits):
+                continue
+            text = str(field.type)
+            kind = "tuple" if "tuple" in text else "int" if "int" in text else "float"
+            strategy = bad_for_limits(limits, kind)
+            if "None" in text:  # null means "inherit" or "off": a good value
+                strategy = strategy.filter(lambda v: v is not None)
+            found[prefix + field.name] = strategy
+    return found
+
+
+# Every key a user may get wrong, and values that are wrong for it (tiny recipe: stages train, test):
+# the ranged keys from the schema, then the others.
 BAD_VALUES = {
-    "seed": bad_int(0, 2**63 - 1),
+    **ranged_keys(),
     "device": bad_device(),
     "deterministic": not_a_bool,
     "description": not_a_string,
-    "data.image_size": st.one_of(bad_int(32, 4096), st.integers(33, 4095).filter(lambda n: n % 32)),
-    "data.batch_size": bad_int(1, 2**20),
-    "data.num_workers": bad_int(0, 1024),
-    "data.label_fraction": bad_float(0, 1, low_ok=False),
     "data.studies": not_an_integer,  # the toy factory checks its range itself, when built (validate --build)
     "model.channels_last": not_a_bool,
     "model.encoder.width": not_an_integer.filter(lambda v: v is not None),
     "optimizer.name": not_one_of("sgd", "adam", "adamw"),
-    "optimizer.lr": bad_float(0, low_ok=False),
-    "optimizer.weight_decay": bad_float(0),
-    "optimizer.momentum": bad_float(0, 1, high_ok=False),
-    "optimizer.betas": bad_betas(),
     "schedule.name": not_one_of("cosine", "constant"),
-    "schedule.warmup_epochs": bad_float(0),
-    "schedule.min_lr_ratio": bad_float(0, 1),
     "stages.train.kind": not_one_of("train", "pretrain", "evaluate"),
-    "stages.train.epochs": bad_int(1, 100_000),
-    "stages.train.batch_size": bad_int(1, 2**20).filter(lambda v: v is not None),  # null: inherit
-    "stages.train.grad_clip": bad_float(0, low_ok=False).filter(lambda v: v is not None),  # null: off
-    "stages.train.max_steps_per_epoch": bad_int(1).filter(lambda v: v is not None),
-    "stages.train.checkpoint_every": bad_int(1).filter(lambda v: v is not None),
-    "stages.train.ema": bad_float(0, 1, low_ok=False, high_ok=False).filter(lambda v: v is not None),
     "data.reduce_val": not_a_bool,
     "stages.train.amp": not_one_of("auto", "off", "bf16", "fp16"),
     "stages.train.freeze": not_a_bool,
-    "stages.train.heads.segmentation.weight": bad_float(0),
     "stages.test.split": not_one_of("train", "val", "test"),
 }
 
@@ -167,8 +197,42 @@ def recipe_file(tiny_recipe, tmp_path):
     return path
 
 
-def test_the_strategies_cover_every_documented_range():
-    assert {"optimizer.lr", "stages.train.batch_size", "seed", "device", "data.image_size"} <= set(BAD_VALUES)
+def test_the_strategies_cover_every_ranged_key_of_the_schema():
+    placed = set(RANGED_CLASSES)
+    for name, cls in vars(schema).items():
+        if attrs.has(cls) and cls.__module__ == schema.__name__:
+            ranged = [f.name for f in attrs.fields(cls) if isinstance(f.metadata.get("check"), schema.Limits)]
+            assert not ranged or cls in placed, f"schema.{name} has ranged keys {ranged}: add where it sits in the recipe to RANGED_CLASSES"
+    keys = set(ranged_keys())
+    # The documented ranges (docs/recipes.md) are in the schema, and so are fuzzed.
+    assert {"seed", "data.image_size", "data.batch_size", "data.num_workers", "data.label_fraction", "data.seed", "optimizer.lr",
+            "optimizer.weight_decay", "optimizer.momentum", "optimizer.betas", "schedule.warmup_epochs", "schedule.warmup_steps",
+            "schedule.min_lr_ratio", "stages.train.epochs", "stages.train.steps", "stages.train.batch_size", "stages.train.grad_clip",
+            "stages.train.max_steps_per_epoch", "stages.train.checkpoint_every", "stages.train.ema",
+            "stages.train.heads.segmentation.weight"} <= keys
+
+
+@pytest.mark.parametrize("key", sorted(ranged_keys()))
+def test_each_ranged_key_refuses_a_value_just_outside_its_range_and_takes_its_edges(recipe_file, key):
+    """The derived range is the one the schema enforces: just past an end is refused, the ends are taken."""
+    cls = next(c for c, prefix in RANGED_CLASSES.items() if key.startswith(prefix) and "." not in key[len(prefix):])
+    field = attrs.fields_dict(cls)[key.rsplit(".", 1)[-1]]
+    limits, integer = field.metadata["check"], "int" in str(field.type)
+    step = 1 if integer else 1e-9
+    for end, is_open, direction in ((limits.low, limits.low_open, -1), (limits.high, limits.high_open, 1)):
+        if end is None:
+            continue
+        inside = end - direction * step if is_open else end
+        outside = end if is_open else end + direction * step
+        if integer:
+            inside, outside = int(inside), int(outside)
+            if limits.multiple_of:
+                inside -= inside % limits.multiple_of
+        wrap = (lambda v: f"[{v}, {v}]") if "tuple" in str(field.type) else str
+        code, err = validate(recipe_file, "--no-build", "--set", f"{key}={wrap(outside)}")
+        assert code == 2 and key in err, (key, outside, err)
+        code, err = validate(recipe_file, "--no-build", "--set", f"{key}={wrap(inside)}")
+        assert code == 0, (key, inside, err)
 
 
 @settings(max_examples=400, **FUZZ)

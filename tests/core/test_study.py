@@ -75,8 +75,12 @@ def test_moco_queue_and_pointer_survive_resume(tmp_path, corex_pm):
     corex_pm.unregister(name="stopper")
     resumed = corex.run(recipe, out=tmp_path / "b", resume=True, progress=False)
 
-    # The queue after epoch 1 was checkpointed: 64 keys, the pointer where epoch 1 left it.
-    assert saved["queue"].shape[1] == 64 and int(saved["queue_ptr"]) % 16 == 0
+    # The queue after epoch 1 was checkpointed: 64 keys, the pointer where epoch 1 left it, i.e. past
+    # every key of the epoch's images, wrapped around the queue (a non-zero place with these sizes).
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    seen = next(r["images"] for r in rows if r["stage"] == "pretrain" and r["epoch"] == 1)
+    assert saved["queue"].shape[1] == 64 and seen % 64 != 0, seen
+    assert int(saved["queue_ptr"]) == seen % 64, (seen, saved["queue_ptr"])
     final_a = torch.load(tmp_path / "a" / "checkpoints" / "pretrain" / "last.pt", weights_only=True)["objective"]
     final_b = torch.load(tmp_path / "b" / "checkpoints" / "pretrain" / "last.pt", weights_only=True)["objective"]
     assert torch.equal(final_a["queue"], final_b["queue"]) and torch.equal(final_a["queue_ptr"], final_b["queue_ptr"])

@@ -5,6 +5,7 @@ scaling, calibration under weightings, the false-positive area, and the training
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -213,7 +214,9 @@ def test_predictions_csv_keeps_its_columns_and_adds_patient_id_last(tmp_path):
     assert list(rows[0]) == ["study_id", "label", "predicted", *(f"p_{s}" for s in SLUGS), "patient_id"]
     assert [r["patient_id"] for r in rows] == ["p0", "p0", "p1", "p1"]
     with (tmp_path / "per_class.csv").open(newline="") as file:
-        assert list(next(csv.DictReader(file)))[-1] == "ap"
+        # Columns only ever added at the end: ap, then the recalled count and the exact recall interval.
+        assert list(next(csv.DictReader(file))) == ["class", "precision", "recall", "f1", "auroc", "support", "ap", "recalled",
+                                                    "recall_low", "recall_high"]
 
 
 # -- calibration ---------------------------------------------------------------------------------
@@ -390,3 +393,46 @@ def test_figures_are_titled_with_split_and_level(tmp_path, monkeypatch):
     assert set(titles) == {"confusion_matrix.png", "reliability.png", "roc.png", "pr.png"}
     for name, title in titles.items():
         assert "val split, image level" in title, name
+
+
+# -- exact (Clopper-Pearson) recall intervals ------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 30, 101, 1000])
+@pytest.mark.parametrize("confidence", [0.8, 0.95, 0.99])
+def test_clopper_pearson_matches_scipy(n, confidence):
+    from scipy.stats import beta, binomtest
+
+    from corex_eval.exact import clopper_pearson
+
+    for k in sorted({0, 1, n // 3, n // 2, n - 1, n} & set(range(n + 1))):
+        low, high = clopper_pearson(k, n, confidence)
+        reference = binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
+        assert low == pytest.approx(reference.low, abs=1e-10) and high == pytest.approx(reference.high, abs=1e-10)
+        alpha = 1 - confidence  # the same from the beta quantiles
+        assert low == pytest.approx(0.0 if k == 0 else beta.ppf(alpha / 2, k, n - k + 1), abs=1e-10)
+        assert high == pytest.approx(1.0 if k == n else beta.ppf(1 - alpha / 2, k + 1, n - k), abs=1e-10)
+    assert all(math.isnan(v) for v in clopper_pearson(0, 0))
+
+
+def test_per_class_csv_holds_each_recall_with_its_exact_interval(tmp_path):
+    from scipy.stats import binomtest
+
+    generator = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 4, (90,), generator=generator)
+    logits = torch.randn(90, 4, generator=generator)
+    logits[torch.arange(90), labels] += 1.0
+    evaluator = ClassificationEvaluator(class_names=CLASSES, bootstrap=0, confidence=0.9)
+    evaluator.update({"label": labels, "study_id": [f"s{i}" for i in range(90)], "image_id": [f"i{i}" for i in range(90)]},
+                     {"classification": logits})
+    evaluator.save(tmp_path)
+    rows = list(csv.DictReader((tmp_path / "per_class.csv").open()))
+    predicted = logits.argmax(1)
+    for c, row in enumerate(rows):
+        support, recalled = int((labels == c).sum()), int(((labels == c) & (predicted == c)).sum())
+        assert (int(row["support"]), int(row["recalled"])) == (support, recalled)
+        reference = binomtest(recalled, support).proportion_ci(confidence_level=0.9, method="exact")
+        assert float(row["recall_low"]) == pytest.approx(reference.low, rel=1e-5)
+        assert float(row["recall_high"]) == pytest.approx(reference.high, rel=1e-5)
+    settings = json.loads((tmp_path / "classification.json").read_text())
+    assert settings["confidence"] == 0.9 and settings["ready_recall"] == 0.8 and settings["target_accuracy"] == 0.95

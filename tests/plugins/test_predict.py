@@ -227,3 +227,61 @@ def test_the_public_functions_stay_functions_once_their_modules_are_imported():
     assert corex_predict.evaluate is corex_predict.evaluation.evaluate
     assert callable(corex_predict.load_model) and corex_predict.TTAModel is TTAModel
 
+
+
+# -- files, names and the input gate's header checks ----------------------------------------------------
+
+
+def test_out_naming_a_file_is_a_usage_error_before_any_work(exported, tmp_path, capsys):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("someone's notes\n")
+    image = _png(tmp_path / "a.png", 0)
+    # The model does not even exist: the --out mistake is reported first, and nothing is read or written.
+    assert cli("predict", tmp_path / "no-such-model.pt", image, "--out", taken) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "is a file" in err and "does not exist" not in err and "Traceback" not in err
+    assert taken.read_text() == "someone's notes\n"
+
+
+def test_file_names_that_are_not_utf8_are_predicted_and_written_safely(exported, tmp_path, capsys):
+    import os
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    raw = os.fsencode(folder) + b"/scan\xff.png"  # not valid UTF-8
+    _png(Path(os.fsdecode(raw)), 4)
+    _png(folder / "plain.png", 5)
+    code = cli("predict", exported / "model.pt", folder, "--out", tmp_path / "out", "--no-progress")
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    document = json.loads((tmp_path / "out" / "predictions.json").read_bytes().decode("utf-8"))
+    names = [Path(r["file"]).name for r in document["records"] if r["level"] == "image"]
+    assert names == ["plain.png", "scan\\xff.png"]  # the byte shown as an escape, in both files
+    text = (tmp_path / "out" / "predictions.csv").read_bytes().decode("utf-8")
+    assert "scan\\xff.png" in text and len(list(csv.DictReader(text.splitlines()))) == 4
+    assert "scan\\xff.png" in out
+
+
+def test_header_checks_flag_other_modalities_and_views_and_pass_the_chest(exported, tmp_path, capsys):
+    import pydicom
+
+    lateral = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    lateral.ViewPosition = "LL"
+    lateral.save_as(tmp_path / "lateral.dcm")
+    inputs = [get_testdata_file("RG1_UNCR.dcm"), get_testdata_file("MR_small.dcm"), tmp_path / "lateral.dcm", _png(tmp_path / "a.png", 1)]
+    code = cli("predict", exported / "model.pt", *inputs, "--out", tmp_path / "out", "--no-progress")
+    err = capsys.readouterr().err
+    assert code == 0, err
+    records = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    flags = [r["flags"] for r in records["records"] if r["level"] == "image"]
+    assert flags == ["", "modality=MR", "view=LL", ""]  # this model carries no fitted gate: header checks only
+    assert records["gate"] == {"mode": "warn", "header_checks": True}
+    assert "header checks only" in err and "flagged 2" in err
+    code = cli("predict", exported / "model.pt", *inputs, "--out", tmp_path / "strict", "--gate", "strict", "--no-progress")
+    err = capsys.readouterr().err
+    assert code == 2 and "refused" in err and "modality=MR" in err and "view=LL" in err
+    kept = json.loads((tmp_path / "strict" / "predictions.json").read_text())
+    assert [Path(r["file"]).name for r in kept["records"] if r["level"] == "image"] == ["RG1_UNCR.dcm", "a.png"]
+    assert cli("predict", exported / "model.pt", *inputs, "--out", tmp_path / "off", "--gate", "off", "--no-progress") == 0
+    capsys.readouterr()
+    assert all(r["flags"] == "" for r in json.loads((tmp_path / "off" / "predictions.json").read_text())["records"])

@@ -161,3 +161,21 @@ def test_the_evaluator_ranks_by_the_calibrated_probabilities(tmp_path):
         assert low <= metrics[name] <= high, name
     evaluator.save(tmp_path)
     assert (tmp_path / "risk_coverage.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_temperature_outside_the_sane_range_is_not_used_for_ranking():
+    generator = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 4, (60,), generator=generator)
+    logits = torch.randn(60, 4, generator=generator)
+    evaluator = ClassificationEvaluator(class_names=CLASSES, bootstrap=0)
+    # Every validation image right: the likelihood rises as T falls to 0, the fit stops at a tiny T.
+    val_labels = torch.arange(40) % 4
+    val_logits = torch.nn.functional.one_hot(val_labels, 4).float() * 5
+    with pytest.warns(UserWarning, match="no temperature"):
+        evaluator.calibration_update(*logits_batch(val_logits, val_labels))
+        evaluator.update(*logits_batch(logits, labels))
+        metrics = evaluator.compute()
+    assert evaluator.temperature_problem == "no validation error" and evaluator.selective_temperature is None
+    _, probabilities, scored_labels = evaluator.scored()
+    confidence, predicted = probabilities.max(1)
+    assert metrics["selective/aurc"] == pytest.approx(float(aurc(confidence, predicted == scored_labels)))

@@ -242,7 +242,7 @@ def test_a_run_another_process_holds_is_left_to_it_and_taken_up_when_it_lets_go(
     assert json.loads((job.out / "results.json").read_text())["stages"]["test"]["metrics"]["n"] > 0
 
 
-def test_executor_options_are_checked(tmp_path):
+def test_executor_options_are_checked(tmp_path, corex_pm):
     from corex_study.executors import InProcess, LocalProcesses, make_executor, parse_devices
 
     from corex.errors import CorexError
@@ -264,10 +264,14 @@ def test_executor_options_are_checked(tmp_path):
 
 @pytest.mark.slow
 def test_the_ray_executor_runs_the_study_on_a_local_cluster(tmp_path, toy_in_workers, monkeypatch):
-    ray = pytest.importorskip("ray")
-    # Ray on this machine only: the node's address on loopback (Ray's own switch for single-machine use).
+    # Ray on this machine only, its node's address on loopback: Ray's own switch for single-machine
+    # clusters, read at import (for the driver and the workers) and looked up when the node starts here.
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    ray = pytest.importorskip("ray")
+    from ray._private import ray_constants
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     paths = classification_arms(tmp_path)
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:

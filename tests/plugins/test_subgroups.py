@@ -156,53 +156,48 @@ def test_bad_options_are_refused(options, message):
 
 
 @pytest.mark.slow
-def test_end_to_end_on_the_phantom_with_a_planted_subgroup_and_without(tmp_path):
-    """The whole path on real DICOM headers: a model trained on a phantom whose AP portable films are fogged
-    and noisy (``hard_subgroup: ap_portable``, strength 1) is scored on its test split (planted) and on the
-    same test patients without the planting (stage ``clean``: the unplanted phantom of the same seed, read as
-    another source: same studies, labels and headers, clean pixels).
-
-    What is reliable at this size is asserted: both stages examine the same subgroups, nothing is flagged
-    where nothing is planted, and whatever is flagged where it is planted is the planted subgroup (or the AP
-    view, mostly portable). Whether the planted gap is large enough to be flagged depends on the training
-    run at this size (see docs/evaluation.md): the constructed-prediction tests above check the detection."""
+@pytest.mark.parametrize("seed", [0, 1])
+def test_end_to_end_on_the_phantom_with_a_planted_subgroup_and_without(tmp_path, seed):
+    """The whole path on real DICOM headers, both ways, on two training seeds. A tiny model trained on the
+    phantom is scored on the same test patients twice: stage ``test`` reads the phantom with its AP portable
+    films planted (``hard_subgroup: ap_portable`` at strength 1: their opacities are erased, their exposure
+    fogged and noisy), stage ``clean`` the phantom as trained on. The planted subgroup must be flagged and
+    nothing else but the AP view (mostly portable); nothing is flagged where nothing is planted."""
     data = {"name": "phantom", "image_size": 64, "size": 64, "batch_size": 16, "studies": 300, "difficulty": 0.0,
             "test_fraction": 0.4, "val_fraction": 0.1, "cache_dir": str(tmp_path / "cache"), "workers": 1}
     evaluators = [{"name": "classification", "bootstrap": 200}, {"name": "subgroups", "bootstrap": 500}]
     recipe = {
-        "name": "planted", "seed": 0,
-        "data": data | {"hard_subgroup": "ap_portable", "hard_subgroup_strength": 1.0},
+        "name": "planted", "seed": seed,
+        "data": data,
         "model": {"encoder": {"name": "resnet18", "width": 8}},
         "optimizer": {"name": "adamw", "lr": 0.003},
         "schedule": {"name": "cosine", "warmup_epochs": 0.5},
         "stages": {
             "train": {"kind": "train", "epochs": 6, "heads": {"classification": {}},
                       "evaluators": [{"name": "classification", "bootstrap": 0}]},
-            "test": {"kind": "evaluate", "split": "test", "evaluators": evaluators},
-            "clean": {"kind": "evaluate", "split": "test", "data": data, "evaluators": evaluators},
+            "test": {"kind": "evaluate", "split": "test", "evaluators": evaluators,
+                     "data": data | {"hard_subgroup": "ap_portable", "hard_subgroup_strength": 1.0}},
+            "clean": {"kind": "evaluate", "split": "test", "evaluators": evaluators},
         },
     }
     results = corex.run(corex.load_recipe(recipe), out=tmp_path / "run", progress=False)
     planted, clean = results["stages"]["test"]["metrics"], results["stages"]["clean"]["metrics"]
     assert planted["subgroups/examined"] == clean["subgroups/examined"] >= 8  # the same headers: the same subgroups
     assert planted["subgroups/tests"] == 4 * planted["subgroups/examined"]
-    assert "subgroup/portable=yes/macro_f1/difference" in planted
     worse = {}
     for stage in ("test", "clean"):
         rows = list(csv.DictReader((tmp_path / "run" / stage / "subgroups.csv").open()))
         worse[stage] = {(r["field"], r["group"]) for r in rows if r["worse"] == "yes"}
         assert (tmp_path / "run" / stage / "subgroups.png").exists()
     assert worse["clean"] == set()
-    assert worse["test"] <= {("portable", "yes"), ("view", "AP")}
+    assert ("portable", "yes") in worse["test"] and worse["test"] <= {("portable", "yes"), ("view", "AP")}
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     texts = {f["stage"]: [] for f in report["findings"]}
     for f in report["findings"]:
         texts[f["stage"]].append(f["text"])
     assert any(t.startswith("No subgroup is worse than the rest of the split beyond chance (Holm over") for t in texts["clean"])
-    if worse["test"]:
-        assert any(t.startswith("Studies with portable yes (n=") and "worse beyond chance after Holm over" in t for t in texts["test"])
-    # The clean stage reads its own data: the external-validation findings set it against the training data.
-    assert any(t.startswith("External data: the header metadata of the test split of stage clean's own data") for t in texts["clean"])
-    assert any(t.startswith("External data: decoded pixel intensities of the test split of stage clean's own data") for t in texts["clean"])
-    assert any(t.startswith("External against internal validation") for t in texts["clean"])
-    assert not math.isnan(planted["subgroups/tests"])
+    assert any(t.startswith("Studies with portable yes (n=") and "worse beyond chance after Holm over" in t for t in texts["test"])
+    # The planted stage reads its own data: the external-validation findings set it against the training data.
+    assert any(t.startswith("External data: the header metadata of the test split of stage test's own data") for t in texts["test"])
+    assert any(t.startswith("External data: decoded pixel intensities of the test split of stage test's own data") for t in texts["test"])
+    assert any(t.startswith("External against internal validation") for t in texts["test"])
