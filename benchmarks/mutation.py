@@ -258,6 +258,7 @@ def mutate_module(module: dict[str, Any], settings: dict[str, Any], tree: Path, 
     session.unlink(missing_ok=True)
     earlier = {(s["line"], s["operator"], s["occurrence"]) for s in previous["survivors"]} if previous else set()
     lines = source.read_text().splitlines()
+    annotations = _annotation_spans(source)
     keep = re.compile("|".join(f"(?:{p})" for p in settings["operators"]) + "$")
     ranges = function_ranges(source, module["functions"]) if module.get("functions") else None
     with use_db(str(session)) as db:
@@ -269,6 +270,8 @@ def mutate_module(module: dict[str, Any], settings: dict[str, Any], tree: Path, 
                 skipped.setdefault("operator not in the set", []).append(item.job_id)
             elif m.operator_name == "core/NumberReplacer" and m.occurrence % 2:
                 skipped.setdefault("the -1 twin of a number mutant", []).append(item.job_id)
+            elif any(a <= tuple(m.start_pos) < b for a, b in annotations):
+                skipped.setdefault("inside a type annotation (never evaluated, or failing at import)", []).append(item.job_id)
             elif m.operator_name.startswith("core/ReplaceBinaryOperator_Mul_") and _bare_star(lines, m.start_pos):
                 skipped.setdefault("the * of a signature's keyword-only marker (not an operator)", []).append(item.job_id)
             elif ranges and not any(a <= m.start_pos[0] <= b for a, b in ranges):
@@ -311,6 +314,21 @@ def mutate_module(module: dict[str, Any], settings: dict[str, Any], tree: Path, 
           + (f", {incompetent} not run" if incompetent else "") + f") in {elapsed:.0f} s", flush=True)
     return {**result, "status": "measured", "score": round(score, 4), "mutants": measured, "killed": killed, "timeouts": timeouts,
             "incompetent": incompetent, "survived": len(survivors), "time_s": round(elapsed, 1), "survivors": survivors}
+
+
+def _annotation_spans(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions of every type annotation: ``int | None`` is not code to mutate."""
+    spans = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        annotated = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            arguments = node.args
+            annotated = [a.annotation for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs,
+                                                arguments.vararg, arguments.kwarg) if a is not None] + [node.returns]
+        elif isinstance(node, ast.AnnAssign):
+            annotated = [node.annotation]
+        spans += [((a.lineno, a.col_offset), (a.end_lineno, a.end_col_offset)) for a in annotated if a is not None]
+    return spans
 
 
 def _bare_star(lines: list[str], position: tuple[int, int]) -> bool:
@@ -361,6 +379,19 @@ def check_floor(results: list[dict[str, Any]], recorded: dict[str, Any]) -> list
     return problems
 
 
+def record_scores(path: Path, results: list[dict[str, Any]], tool_version: str) -> None:
+    """Write the measured modules' scores into the floor file (other modules keep theirs)."""
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    scores = recorded.get("modules", {})
+    for r in results:
+        if r["status"] == "measured":
+            scores[r["name"]] = {"path": r["path"], "score": r["score"], "killed": r["killed"], "mutants": r["mutants"]}
+    recorded = {"tool": f"cosmic-ray {tool_version}", "how": "python benchmarks/mutation.py --update-scores (docs/testing.md)",
+                "modules": dict(sorted(scores.items()))}
+    path.write_text(json.dumps(recorded, indent=2) + "\n")
+    print(f"recorded the scores of {', '.join(r['name'] for r in results if r['status'] == 'measured')} in {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
@@ -380,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "mutation", help="where the report and the sessions go")
     parser.add_argument("--scores", type=Path, default=SCORES, help="the recorded scores (the floor)")
     parser.add_argument("--update-scores", action="store_true", help="record this run's scores as the new floor")
+    parser.add_argument("--record", type=Path, metavar="REPORT_JSON",
+                        help="record the scores of an earlier mutation-report.json in --scores (after its review), run nothing")
     parser.add_argument("--survivors-of", type=Path, metavar="REPORT_JSON",
                         help="run only the survivors of an earlier mutation-report.json (modules whose source is unchanged): "
                              "a quick check of new tests; record scores from full runs")
@@ -393,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001
         print("cosmic-ray is not installed: pip install cosmic-ray==8.7.0", file=sys.stderr)
         return 2
+    if ns.record:
+        record_scores(ns.scores, json.loads(ns.record.read_text())["modules"], tool_version)
+        return 0
     config = load_config(ns.config)
     modules = config["module"]
     unknown = set(ns.modules) - {m["name"] for m in modules}
@@ -429,17 +465,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{r['name']:20s} {STATUS[r['status']]}")
     print(f"total {total / 60:.1f} min; report: {out / 'mutation-report.md'}")
-    recorded = json.loads(ns.scores.read_text()) if ns.scores.exists() else {}
-    scores = recorded.setdefault("modules", {})
     if ns.update_scores:
-        for r in results:
-            if r["status"] == "measured":
-                scores[r["name"]] = {"path": r["path"], "score": r["score"], "killed": r["killed"], "mutants": r["mutants"]}
-        recorded.update(tool=f"cosmic-ray {tool_version}", modules=dict(sorted(scores.items())))
-        ns.scores.write_text(json.dumps(recorded, indent=2) + "\n")
-        print(f"recorded the scores in {ns.scores}")
+        record_scores(ns.scores, results, tool_version)
         return 0
-    problems = check_floor(results, scores)
+    recorded = json.loads(ns.scores.read_text()) if ns.scores.exists() else {}
+    problems = check_floor(results, recorded.get("modules", {}))
     for problem in problems:
         print(f"FLOOR: {problem}", file=sys.stderr)
     return 1 if problems else 0

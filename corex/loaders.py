@@ -139,7 +139,10 @@ def stage_loader(recipe: Recipe, stage: Stage, source: Any, split: str, device: 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's own message lists twenty device types and ends in a traceback
+        raise CorexError(f"device: expected auto, cpu, cuda, cuda:N (a GPU index) or mps, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CorexError(f"device: '{name}' was asked for, but this machine has no CUDA device (use device: auto or cpu)")
     return device

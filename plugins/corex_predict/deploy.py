@@ -38,7 +38,7 @@ INPUT = "image"
 PROBABILITIES, MASK_LOGITS, OOD_SCORE = "probabilities", "mask_logits", "ood_score"
 EXPORT_TOLERANCE = 1e-4  # an export whose graph disagrees with the torch model by more is refused
 ONNX_EXPORTERS = ("dynamo", "legacy")
-INSTALL_ONNX = "pip install 'corex[onnx]' (onnx, onnxscript and onnxruntime)"
+INSTALL_ONNX = "pip install 'corex-cxr[onnx]' (onnx, onnxscript and onnxruntime)"
 
 
 class DeployModule(nn.Module):

@@ -110,11 +110,25 @@ def test_an_unexpected_os_error_is_not_disguised(tmp_path, monkeypatch):
     assert names(tmp_path) == []
 
 
-@pytest.mark.parametrize("free, words", [(2**40, "the write failed"), (2**20, "no space left on the device")])
-def test_torchs_writer_failing_without_an_errno_is_told_by_the_free_space(tmp_path, monkeypatch, free, words):
+def test_another_runtime_error_while_writing_is_not_disguised(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir.torch, "save", _half_then(RuntimeError("a bug in a writer")))
+    with pytest.raises(RuntimeError, match="a bug in a writer") as caught:
+        rundir.save_torch(tmp_path / "model.pt", {"epoch": 1})
+    assert not isinstance(caught.value, CorexError)
+    assert names(tmp_path) == []
+
+
+TORCH_WRITER_ERRORS = ["[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: file write failed",
+                       "basic_ios::clear: iostream error", "PytorchStreamWriter: file write failed"]
+
+
+@pytest.mark.parametrize("message", TORCH_WRITER_ERRORS)
+@pytest.mark.parametrize("free, words", [(2**40, "the write failed"), (3 * 2**29, "the write failed"), (2**30, "the write failed"),
+                                         (2**30 - 1, "no space left on the device"), (2**20, "no space left on the device")])
+def test_torchs_writer_failing_without_an_errno_is_told_by_the_free_space(tmp_path, monkeypatch, free, words, message):
     path = tmp_path / "last.pt"
     rundir.save_torch(path, {"epoch": 1})
-    failure = RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: file write failed")
+    failure = RuntimeError(message)
     monkeypatch.setattr(rundir.torch, "save", _half_then(failure))
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda folder: type("Usage", (), {"free": free})())
     with pytest.raises(RunFailure, match=words) as caught:
@@ -131,15 +145,41 @@ def test_a_place_that_cannot_hold_a_file_is_a_message(tmp_path):
         rundir.write_json(afile / "run" / "results.json", {})
 
 
-def test_new_files_follow_the_umask(tmp_path):
-    old = os.umask(0o027)
+@pytest.mark.parametrize("umask, mode", [(0o027, 0o640), (0o002, 0o664)])
+def test_new_files_follow_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
     try:
         rundir.FILE_MODE = rundir._file_mode()
+        assert os.umask(umask) == umask  # reading the umask left it as it was
         rundir.atomic_write_text(tmp_path / "a.txt", "x")
     finally:
         os.umask(old)
         rundir.FILE_MODE = rundir._file_mode()
-    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == mode
+
+
+def test_an_os_error_without_an_errno_is_a_message_with_its_text(tmp_path, monkeypatch):
+    def refused(*args, **kwargs):
+        raise OSError("the folder went away")
+
+    monkeypatch.setattr(rundir.tempfile, "mkstemp", refused)
+    with pytest.raises(CorexError) as caught:
+        rundir.atomic_write_text(tmp_path / "a.txt", "x")
+    assert str(caught.value) == f"cannot write '{tmp_path / 'a.txt'}': the folder went away"
+
+    def denied(*args, **kwargs):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(rundir.tempfile, "mkstemp", denied)
+    with pytest.raises(CorexError) as caught:
+        rundir.atomic_write_text(tmp_path / "a.txt", "x")
+    assert str(caught.value) == f"cannot write '{tmp_path / 'a.txt'}': Permission denied"
+    monkeypatch.undo()
+    log = rundir.MetricsLog(tmp_path / "metrics.jsonl")
+    monkeypatch.setattr(rundir.os, "fsync", refused)
+    with pytest.raises(CorexError) as caught:
+        log.append({"stage": "train", "epoch": 1})
+    assert str(caught.value) == f"cannot write '{log.path}': the folder went away"
 
 
 def test_temporaries_of_killed_writes_are_found_and_removed_and_nothing_else(tmp_path):
@@ -162,7 +202,7 @@ def test_json_holds_numbers_tensors_paths_and_null_for_what_is_not_finite(tmp_pa
             "where": Path("/a/b"), "pairs": (1, [2, {3: 4}])}
     rundir.write_json(tmp_path / "r.json", data)
     text = (tmp_path / "r.json").read_text()
-    assert text.endswith("}\n")
+    assert text == json.dumps(json.loads(text), indent=2) + "\n"  # indented, for people and diffs
     assert rundir.read_json(tmp_path / "r.json") == {"f1": 0.5, "n": 3, "ece": None, "inf": None, "t": [1.0, 2.0], "where": "/a/b",
                                                       "pairs": [1, [2, {"3": 4}]]}
 
@@ -233,9 +273,33 @@ def test_provenance_records_the_run_environment_and_the_recipes_commit(tmp_path,
     (tmp_path / "r.yaml").write_text("name: changed\n")
     assert rundir.provenance("cpu", str(tmp_path / "r.yaml"))["recipe_git"]["dirty"] is True
     assert rundir.provenance("cpu", None).get("recipe_git") is None
+    real_run = subprocess.run
+
+    def no_git(*args, **kwargs):
+        if args and args[0][:1] == ["git"]:
+            raise FileNotFoundError(2, "No such file or directory: 'git'")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert rundir.provenance("cpu", str(tmp_path / "r.yaml"))["recipe_git"] is None  # no git on the machine
+    monkeypatch.setattr(subprocess, "run", real_run)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     assert rundir.provenance("cpu", str(tmp_path / "elsewhere" / "r.yaml"))["recipe_git"] is None
+
+
+@pytest.mark.parametrize("argv, command", [(["/usr/local/bin/corex", "run", "r.yaml", "--resume"], ["corex", "run", "r.yaml", "--resume"]),
+                                           ([], []), ([""], [])])
+def test_provenance_records_the_command_line(monkeypatch, argv, command):
+    monkeypatch.setattr(sys, "argv", argv)
+    assert rundir.provenance("cpu", None)["command"] == command
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_provenance_names_a_gpu_only_where_there_is_one():
+    for device in ("cpu", "cuda", "cuda:1"):
+        info = rundir.provenance(device, None)
+        assert info["device"] == device and "device_name" not in info and "cuda" not in info
 
 
 # -- fault points ---------------------------------------------------------------------------------

@@ -60,6 +60,19 @@ def test_a_truncated_checkpoint_is_a_message(tmp_path):
     assert "it may have been cut short" in message(checkpoints.load_file, path, WHERE)
 
 
+@pytest.mark.parametrize("text", ["Weights only load failed. This file can still be loaded ...",
+                                  "Unsupported global: GLOBAL pathlib.PosixPath; use weights_only=False if you trust it"])
+def test_either_way_torch_says_weights_only_refusal_is_recognised(tmp_path, monkeypatch, text):
+    path = tmp_path / "x.pt"
+    path.write_bytes(b"x")
+
+    def refused(*args, **kwargs):
+        raise pickle.UnpicklingError(text)
+
+    monkeypatch.setattr(checkpoints.torch, "load", refused)
+    assert "holds pickled Python objects, and corex refused to load it" in message(checkpoints.load_file, path, WHERE)
+
+
 def test_an_unpickling_error_that_is_not_about_weights_only_says_damaged_with_its_gist(tmp_path, monkeypatch):
     path = tmp_path / "x.pt"
     path.write_bytes(b"x")
@@ -74,7 +87,8 @@ def test_an_unpickling_error_that_is_not_about_weights_only_says_damaged_with_it
 @pytest.mark.parametrize("error, gist", [(EOFError(), "EOFError"), (RuntimeError("PytorchStreamReader failed reading zip archive"),
                                                                       "PytorchStreamReader failed reading zip archive"),
                                          (RuntimeError("first line\nsecond line"), "first line"),
-                                         (RuntimeError("x" * 300), "x" * 160)])
+                                         (RuntimeError("x" * 300), "x" * 160), (RuntimeError("x. rest of the advice"), "x"),
+                                         (RuntimeError(". starts with a full stop"), ". starts with a full stop")])
 def test_the_message_quotes_the_first_line_of_torchs_error(tmp_path, monkeypatch, error, gist):
     path = tmp_path / "x.pt"
     path.write_bytes(b"x")

@@ -70,9 +70,19 @@ def test_set_overrides_reach_the_run_and_bad_ones_are_reported(corex_cli, tmp_pa
 
 
 def test_help_shows_examples_and_every_command():
+    """Every sub-command of the parser (the core's and the plugins') is in the help's command list
+    itself, with its one-line help, not only somewhere in the examples."""
+    from corex.cli import build_parser
+
     result = subprocess.run([sys.executable, "-m", "corex.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("run", "validate", "plugins", "recipes", "export", "data"):
-        assert command in result.stdout
+    listing = result.stdout.split("positional arguments:", 1)[1].split("\n\n", 1)[0]
+    listed = [line.split()[0] for line in listing.splitlines() if line.startswith("    ") and not line.startswith("      ")]
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert sorted(listed) == sorted(commands), listing
+    assert {"run", "validate", "plugins", "recipes", "data", "study", "compare", "export", "predict", "evaluate"} <= set(listed)
+    for line in listing.splitlines():
+        if line.startswith("    ") and not line.startswith("      "):
+            assert len(line.split()) > 1 or line.strip() == "COMMAND", f"no help for {line.strip()!r}"
     assert "examples:" in result.stdout and "corex run recipes/quickstart.yaml" in result.stdout
 
 

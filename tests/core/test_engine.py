@@ -221,13 +221,44 @@ def test_python_api_building_blocks(tiny_recipe, tmp_path):
     assert "macro_f1" in intervals
 
 
-def test_mixed_precision_path_trains_and_evaluates(tiny_recipe, tmp_path):
-    """bf16 autocast (what `amp: auto` picks on recent GPUs) through heads, losses and evaluators."""
+@pytest.mark.parametrize("amp", ["bf16", "off"])
+def test_mixed_precision_path_trains_and_evaluates(tiny_recipe, tmp_path, monkeypatch, amp):
+    """bf16 autocast (what `amp: auto` picks on recent GPUs) through heads, losses and evaluators: the
+    encoder's activations really are bfloat16 in training steps, validation and the evaluate stage
+    (float32 with amp: off), and the loss stays finite."""
+    from corex import evaluation, training
+
     tiny_recipe["stages"]["train"]["epochs"] = 1
-    tiny_recipe["stages"]["train"]["amp"] = "bf16"
+    tiny_recipe["stages"]["train"]["amp"] = amp
     tiny_recipe["stages"]["train"]["grad_clip"] = 1.0
-    tiny_recipe["stages"]["test"]["amp"] = "bf16"
+    tiny_recipe["stages"]["test"]["amp"] = amp
+    seen: dict[str, set] = {"train": set(), "evaluate": set()}
+    phase = ["train"]
+
+    def record(module, inputs, output):
+        seen[phase[0]].add(output[-1].dtype)
+
+    real_step, real_evaluate = training._step_loss, evaluation.evaluate_loader
+
+    def step_loss(session, loop, batch, first=False):
+        if not session.model.encoder._forward_hooks:
+            session.model.encoder.register_forward_hook(record)
+        phase[0] = "train"
+        return real_step(session, loop, batch, first)
+
+    def evaluate_loader(*args, **kwargs):
+        phase[0] = "evaluate"
+        try:
+            return real_evaluate(*args, **kwargs)
+        finally:
+            phase[0] = "train"
+
+    monkeypatch.setattr(training, "_step_loss", step_loss)
+    monkeypatch.setattr(training, "evaluate_loader", evaluate_loader)
+    monkeypatch.setattr(evaluation, "evaluate_loader", evaluate_loader)
     results = run(tiny_recipe, tmp_path / "r")
+    expected = {torch.bfloat16} if amp == "bf16" else {torch.float32}
+    assert seen == {"train": expected, "evaluate": expected}
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows)
     assert 0.0 <= results["stages"]["test"]["metrics"]["macro_f1"] <= 1.0
@@ -240,6 +271,19 @@ def test_autocast_choice_per_device():
     assert autocast_dtype(Stage(name="s", kind="train"), torch.device("cpu")) is None  # float32 on CPU
     assert autocast_dtype(Stage(name="s", kind="train", amp="fp16"), torch.device("cpu")) is torch.float16
     assert autocast_dtype(Stage(name="s", kind="train", amp="off"), torch.device("cuda")) is None
+    assert autocast_dtype(Stage(name="s", kind="train", amp="bf16"), torch.device("cpu")) is torch.bfloat16
+    assert autocast_dtype(Stage(name="s", kind="train", amp="fp16"), torch.device("cuda")) is torch.float16
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_picks_bf16_on_a_gpu_that_has_it_else_fp16(monkeypatch, bf16, expected):
+    from corex.loaders import autocast_dtype
+    from corex.recipe import Stage
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert autocast_dtype(Stage(name="s", kind="train"), torch.device("cuda")) is expected
+    assert autocast_dtype(Stage(name="s", kind="train", amp="auto"), torch.device("cuda", 1)) is expected
+    assert autocast_dtype(Stage(name="s", kind="train"), torch.device("mps")) is None
 
 
 def test_a_diverging_loss_stops_the_run_with_a_message(tiny_recipe, tmp_path):

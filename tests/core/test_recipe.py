@@ -118,7 +118,8 @@ OUT_OF_RANGE = [
 @pytest.mark.parametrize("what, override, expected", OUT_OF_RANGE, ids=[r[0] for r in OUT_OF_RANGE])
 def test_a_value_out_of_its_range_is_a_problem_at_its_path(tiny_recipe, what, override, expected):
     problems = problems_of(tiny_recipe, [override])
-    assert len(problems) == 1 and problems[0].startswith(expected), f"{what}: {problems}"
+    # A value given with --set is named as such, so the user knows it is not in the recipe file.
+    assert len(problems) == 1 and problems[0].startswith("--set " + expected), f"{what}: {problems}"
 
 
 @pytest.mark.parametrize("override", [
@@ -194,7 +195,7 @@ def test_overrides_of_missing_paths_are_errors_with_suggestions(tiny_recipe):
 
 
 def test_an_override_value_is_validated_like_the_file(tiny_recipe):
-    assert problems_of(tiny_recipe, ["stages.train.epochs=many"]) == ["stages.train.epochs: expected an integer, got 'many'"]
+    assert problems_of(tiny_recipe, ["stages.train.epochs=many"]) == ["--set stages.train.epochs: expected an integer, got 'many'"]
 
 
 def test_resolved_recipe_round_trips(tiny_recipe):

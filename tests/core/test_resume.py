@@ -110,3 +110,102 @@ def test_a_mid_epoch_checkpoint_holds_the_step_and_the_running_sums(reference, t
     within = state["within"]
     assert within["step"] == 3 and within["seen"] == 24 and within["elapsed"] > 0
     assert set(within["sums"]) >= {"train/loss"} and within["sums"]["train/loss"] > 0
+
+
+@pytest.fixture(scope="module")
+def stopped(reference, tmp_path_factory):
+    """A run stopped after epoch 1 (its last.pt is edited by the tests below, each on a copy)."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        run(out, "after_row:train:1", patch)
+    return out
+
+
+def _damage(state: dict, how: str) -> None:
+    if how == "no ema":
+        del state["ema"]
+    elif how == "ema of another model":
+        state["ema"] = {"n_averaged": torch.tensor(1), "module.other.weight": torch.zeros(2)}
+    elif how == "ema not a mapping":
+        state["ema"] = None
+    elif how == "optimizer of another model":
+        state["optimizer"] = {"state": {}, "param_groups": []}
+    elif how == "optimizer not a mapping":
+        state["optimizer"] = [1, 2]
+    elif how == "rng of another kind":
+        state["rng_ranks"][0]["torch"] = torch.zeros(3, dtype=torch.uint8)
+    elif how == "rng without python":
+        del state["rng_ranks"][0]["python"]
+
+
+@pytest.mark.parametrize("how, words", [
+    ("no ema", "is not a corex checkpoint of this kind (it lacks ema)"),
+    ("ema of another model", "does not fit this stage's EMA (Error(s) in loading state_dict for AveragedModel"),
+    ("ema not a mapping", "does not fit this stage's EMA ("),
+    ("optimizer of another model", "does not fit this stage's objective or optimizer (loaded state dict has a different number"),
+    ("optimizer not a mapping", "does not fit this stage's objective or optimizer ("),
+    ("rng of another kind", "does not fit this stage's objective or optimizer ("),
+    ("rng without python", "does not fit this stage's objective or optimizer ('python')"),
+])
+def test_a_last_checkpoint_that_does_not_fit_the_stage_is_a_message(stopped, tmp_path, how, words):
+    import shutil
+
+    from corex.errors import CorexError
+
+    out = tmp_path / "run"
+    shutil.copytree(stopped, out)
+    last = out / "checkpoints" / "train" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    _damage(state, how)
+    torch.save(state, last)
+    with pytest.raises(CorexError) as caught:
+        run(out, resume=True)
+    text = str(caught.value)
+    assert text.startswith(f"--resume (stage 'train'): '{last}'") or text.startswith(f"resume=True (stage 'train'): '{last}'"), text
+    assert words in text, text
+
+
+def test_a_checkpoint_that_does_not_say_how_many_processes_wrote_it_was_written_by_one(stopped, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(stopped, out)
+    last = out / "checkpoints" / "train" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["world_size"]  # as corex wrote it before distributed training
+    torch.save(state, last)
+    capsys.readouterr()
+    run(out, resume=True)
+    assert "warning" not in capsys.readouterr().err
+
+
+class StopAfterPretrainEpoch1:
+    @staticmethod
+    @corex.hookimpl
+    def corex_epoch_end(stage, epoch):
+        if stage == "pretrain" and epoch == 1:
+            raise Killed("after pretrain epoch 1")
+
+
+def test_a_pretraining_checkpoint_without_its_objective_is_a_message(reference, tmp_path):
+    from corex.errors import CorexError
+    from corex.plugins import get_plugin_manager
+
+    recipe = tiny_recipe_dict()
+    recipe["data"]["studies"] = 40
+    recipe["stages"] = {"pretrain": {"kind": "pretrain", "epochs": 2, "objective": {"name": "inpaint"}}}
+    out = tmp_path / "run"
+    pm = get_plugin_manager()
+    pm.register(StopAfterPretrainEpoch1, name="stopper")
+    try:
+        with pytest.raises(Killed):
+            corex.run(corex.load_recipe(recipe), out=out, progress=False)
+    finally:
+        pm.unregister(name="stopper")
+    last = out / "checkpoints" / "pretrain" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state["objective"] and any(k.startswith("decoder.") for k in state["objective"])  # the decoder is saved too
+    del state["objective"]
+    torch.save(state, last)
+    with pytest.raises(CorexError, match=r"is not a corex checkpoint of this kind \(it lacks objective\)"):
+        corex.run(corex.load_recipe(recipe), out=out, resume=True, progress=False)

@@ -78,7 +78,7 @@ def test_deterministic_mode_is_switched_on_only_when_asked(monkeypatch):
 
 
 def test_a_loader_worker_seeds_python_and_numpy_from_its_torch_seed():
-    torch.manual_seed(2**40 + 7)  # a worker's torch seed is the base seed plus its id: 64 bits
+    torch.manual_seed(3 * 2**32 + 7)  # a worker's torch seed is the base seed plus its id: 64 bits
     seeding.seed_worker(0)
     values = random.random(), np.random.rand()
     random.seed(7)
@@ -136,3 +136,19 @@ def test_a_libc_without_mallopt_is_left_alone(monkeypatch, error):
 
     monkeypatch.setattr(seeding.ctypes, "CDLL", missing)
     seeding.tune_allocator()  # musl and friends: nothing to tune, no error
+
+
+def test_the_cuda_generators_are_restored_only_when_saved_and_present(monkeypatch):
+    restored = []
+    monkeypatch.setattr(seeding.torch.cuda, "set_rng_state_all", lambda states: restored.append(states))
+    state = seeding.rng_state()
+    state.pop("cuda", None)
+    monkeypatch.setattr(seeding.torch.cuda, "is_available", lambda: True)
+    seeding.set_rng_state(state)  # written on a machine without a GPU, resumed on one
+    assert restored == []
+    state["cuda"] = [torch.ByteTensor(8)]
+    seeding.set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0][0], state["cuda"][0])
+    monkeypatch.setattr(seeding.torch.cuda, "is_available", lambda: False)
+    seeding.set_rng_state(state)  # written on a GPU machine, resumed on a CPU one
+    assert len(restored) == 1

@@ -98,3 +98,54 @@ def test_the_loss_is_the_masked_loss_against_the_original_image(visible_weight):
     assert out["loss_hidden"].item() == pytest.approx(loss_hidden.item(), rel=1e-5)
     assert out["loss_visible"].item() == pytest.approx(loss_visible.item(), rel=1e-5)
     assert out["coverage"].item() == pytest.approx(hidden.mean().item())
+
+
+# -- the edges of the loss, the options and the preview (survivors of mutation testing) -------------
+
+
+def test_a_single_hidden_or_visible_pixel_is_averaged_over_itself():
+    target = torch.zeros(1, 1, 4, 4)
+    reconstruction = torch.full((1, 1, 4, 4), 0.5)
+    one = torch.zeros(1, 1, 4, 4)
+    one[0, 0, 1, 2] = 1
+    loss, loss_hidden, loss_visible = masked_reconstruction_loss(reconstruction, target, one, "l1")
+    assert loss_hidden.item() == pytest.approx(0.5) and loss_visible.item() == pytest.approx(0.5)
+    _, _, loss_visible = masked_reconstruction_loss(reconstruction, target, 1 - one, "l1")
+    assert loss_visible.item() == pytest.approx(0.5)
+    # Nothing hidden: no error (not a division by zero).
+    assert masked_reconstruction_loss(reconstruction, target, torch.zeros_like(one), "l1")[1].item() == 0.0
+
+
+def test_the_reconstruction_is_one_grey_channel_like_the_input_and_a_width_of_one_is_allowed():
+    model = objective(decoder_width=1)
+    image = images(2)
+    assert model.reconstruct(image).shape == image.shape
+    with pytest.raises(ValueError, match="decoder_width must be at least 1, got 0"):
+        objective(decoder_width=0)
+
+
+def test_the_preview_grid_draws_every_sample_on_the_unit_scale(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from corex_inpaint.objective import _save_grid
+
+    grey = torch.full((1, 1, 8, 8), 0.5)
+    path = _save_grid({"input": grey, "other": torch.ones(1, 1, 8, 8)}, tmp_path / "grid.png")  # one row: axes stay 2-d
+    with Image.open(path) as picture:
+        pixels = np.asarray(picture.convert("L"), dtype=float)
+    height, width = pixels.shape
+    assert abs(pixels[height // 2 + 10, width // 4] - 128) < 12  # 0.5 drawn mid-grey: the unit scale, no stretch
+    assert pixels[height // 2 + 10, 3 * width // 4] > 240  # 1.0 drawn white
+    model = objective()
+    written = model.on_epoch_end(epoch=3, batch={"image": images(1)}, out_dir=tmp_path)
+    assert written.name == "inpaint_epoch003.png" and written.exists()
+
+
+def test_the_mean_fill_of_an_image_with_one_visible_pixel_is_that_pixel():
+    model = objective(fill="mean")
+    image = images(1)
+    hidden = torch.ones_like(image)
+    hidden[0, 0, 3, 4] = 0
+    masked = model.hide(image, hidden)
+    assert torch.allclose(masked, torch.full_like(image, image[0, 0, 3, 4].item()))

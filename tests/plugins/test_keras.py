@@ -117,7 +117,7 @@ def test_a_run_keeps_keras_home_in_the_corex_cache_unless_the_user_set_it(tmp_pa
 def test_missing_keras_core_is_a_clear_error_and_the_hook_still_works(monkeypatch):
     monkeypatch.setitem(sys.modules, "keras_core", None)  # `import keras_core` now fails
     assert set(corex_keras.corex_encoders()) == set(FACTORIES)
-    with pytest.raises(ValueError, match=r"keras-core; install it with: pip install keras-core==0\.1\.7"):
+    with pytest.raises(ValueError, match=r'keras-core; install it with: pip install "corex-cxr\[keras\]"  \(keras-core 0\.1\.7\)'):
         keras_resnet50()
 
 
