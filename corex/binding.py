@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections.abc as cabc
 import difflib
 import inspect
+import os
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -203,14 +204,15 @@ def bind_options(
             problems.add(where, f"unknown option{did_you_mean(key, settable) or '.'} Options: {accepted}")
     for name, p in params.items():
         if p.default is inspect.Parameter.empty and name not in options and name not in injected:
+            # torch's own names for what corex supplies (params for param_groups) share a stem
             close = difflib.get_close_matches(name, sorted(injected), n=1, cutoff=0.75) or \
-                sorted(i for i in injected if len(name) >= 4 and (i.startswith(name) or name.startswith(i)))[:1]
+                sorted(i for i in injected if len(os.path.commonprefix([name, i])) >= min(5, len(name), len(i)) >= 4)[:1]
+            owner = f"{label}'s factory" if label else "the factory"
             if close:
-                owner = f"{label}'s factory" if label else "the factory"
                 problems.add(f"{path}.{name}", f"is required by {owner}, but no recipe should set it: did you mean '{close[0]}', which "
                                                f"corex supplies? Rename the factory's argument '{name}' to '{close[0]}'")
             else:
-                problems.add(f"{path}.{name}", "is required" + required_hint.format(name=name))
+                problems.add(f"{path}.{name}", f"is required by {label or 'the factory'}" + required_hint.format(name=name))
     return bound
 
 

@@ -18,7 +18,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                     "TorchScript graph (.ts, run with torch.jit.load); the metadata is embedded where the format allows and "
                     "written beside as OUT with suffix .json, and MODEL_CARD.md beside it.",
     )
-    export.add_argument("run_dir", type=Path, help="a corex run directory")
+    export.add_argument("run_dir", type=Path, help="a corex run directory, or a .pt file written by `corex export` (to convert it)")
     export.add_argument("output", type=Path, help="the file to write: .pt, .onnx or .ts (metadata goes beside it as .json)")
     export.add_argument("--format", choices=("pt", "onnx", "torchscript"), help="default: from OUT's suffix")
     export.add_argument("--onnx-exporter", choices=("dynamo", "legacy"), default="dynamo",

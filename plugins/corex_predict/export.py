@@ -33,12 +33,13 @@ import yaml
 from corex import __version__, encoder_state, rundir
 from corex.errors import CorexError
 from corex_predict.card import recipe_sha256, write_export_card
-from corex_predict.formats import infer_kind
+from corex_predict.formats import file_kind, infer_kind
 from corex_predict.model import (
     ENCODER_FORMAT,
     FORMAT,
     INTENSITY,
     LoadedModel,
+    _from_file,
     _load_state,
     _run_gate,
     build_from_metadata,
@@ -72,14 +73,20 @@ def export_model(
         kind = infer_kind(output, format)
     sidecar = metadata_path(output, kind)
     _check_sidecar(sidecar, output)
-    if not run_dir.is_dir():
-        raise CorexError(f"export: '{run_dir}' is not a run directory")
-    meta, state = run_model(run_dir, stage)
+    if run_dir.is_dir():
+        meta, state = run_model(run_dir, stage)
+        gate = _run_gate(run_dir, meta)
+        source: Path | None = run_dir
+    elif run_dir.is_file() and file_kind(run_dir) == "pt":
+        # an earlier .pt export (or a checkpoint in its run): into another format, with its format version checked
+        meta, state, gate = _from_file(run_dir, stage)
+        source = None
+    else:
+        raise CorexError(f"export: '{run_dir}' is not a run directory or a .pt file written by `corex export`")
     if encoder_only:
         summary = _export_encoder(meta, encoder_state(state), output, recipe_sha256(meta))
-        write_export_card(output, meta, run_dir, "encoder")
+        write_export_card(output, meta, source, "encoder")
         return summary
-    gate = _run_gate(run_dir, meta)
     if kind == "pt":
         payload = {"format": FORMAT, "model": dict(state), "arch": meta["arch"], "in_channels": meta["in_channels"], "meta": meta}
         if gate is not None:
@@ -88,8 +95,9 @@ def export_model(
     else:
         from corex_predict.deploy import export_graph
 
-        model = build_from_metadata(meta, f"run '{run_dir}'")
-        _load_state(model, state, f"run '{run_dir}'")
+        where = f"run '{run_dir}'" if source is not None else f"model '{run_dir}'"
+        model = build_from_metadata(meta, where)
+        _load_state(model, state, where)
         loaded = LoadedModel(model.eval(), meta, run_dir, gate=gate)
         meta = export_graph(loaded, output, kind, meta, onnx_exporter=onnx_exporter)
     readable = {k: v for k, v in meta.items() if k != "recipe_yaml"}
@@ -99,7 +107,7 @@ def export_model(
     readable["sha256"] = _sha256(output)
     readable["recipe_sha256"] = recipe_sha256(meta)
     rundir.write_json(sidecar, readable)
-    write_export_card(output, meta, run_dir, kind)
+    write_export_card(output, meta, source, kind)
     return meta
 
 

@@ -90,6 +90,22 @@ def test_onnx_and_torchscript_give_the_torch_models_outputs(exported):
     assert np.abs(single - probabilities[:1].numpy()).max() < 1e-4
 
 
+def test_a_pt_export_converts_to_a_graph_with_the_same_outputs_and_gate(exported, tmp_path):
+    """`corex export model.pt model.ts`: the graph made from the .pt export, not from the run, gives
+    the run's probabilities and carries its input gate; an ONNX file is not a source."""
+    assert cli("export", exported / "exports" / "model.pt", tmp_path / "converted.ts") == 0
+    images = torch.cat([_rg1_tensor(32), torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(5))])
+    native, converted = load_model(exported / "run"), load_model(tmp_path / "converted.ts")
+    with torch.no_grad():
+        expected = torch.softmax(native.model.heads["classification"](native.model.encoder(images)), 1)
+        probabilities = torch.jit.load(str(tmp_path / "converted.ts"))(images)[0]
+    assert (probabilities - expected).abs().max() < 1e-4
+    assert converted.gate is not None and converted.meta["input_gate"] == native.meta["input_gate"]
+    assert json.loads((tmp_path / "converted.ts.json").read_text())["file_format"] == "torchscript"
+    with pytest.raises(corex.CorexError, match="not a run directory or a .pt file"):
+        export_model(exported / "exports" / "model.onnx", tmp_path / "again.ts")
+
+
 def test_the_contract_and_the_gate_are_embedded_in_each_file_and_beside_it(exported):
     run_meta = load_model(exported / "run").meta
     proto = onnx.load(str(exported / "exports" / "model.onnx"))
