@@ -207,8 +207,8 @@ def bind_options(
             # torch's own names for what corex supplies (params for param_groups) share a stem
             close = difflib.get_close_matches(name, sorted(injected), n=1, cutoff=0.75) or \
                 sorted(i for i in injected if len(os.path.commonprefix([name, i])) >= min(5, len(name), len(i)) >= 4)[:1]
-            owner = f"{label}'s factory" if label else "the factory"
             if close:
+                owner = f"{label}'s factory" if label else "the factory"
                 problems.add(f"{path}.{name}", f"is required by {owner}, but no recipe should set it: did you mean '{close[0]}', which "
                                                f"corex supplies? Rename the factory's argument '{name}' to '{close[0]}'")
             else:
