@@ -103,7 +103,8 @@ def stage_findings(run_dir: Path, stage: str, result: dict[str, Any]) -> list[Fi
     found.extend(sentences.selective_finding(metrics, intervals, settings, level, stage))
     found.extend(sentences.subgroup_findings(folder, metrics, stage))
 
-    if "pointing_game" in metrics:
+    # With the training boxes' fixed point known, the baseline finding states the pointing game instead.
+    if "pointing_game" in metrics and not math.isfinite(metrics.get("pointing_game/prior", math.nan)):
         also, chance = [], ""
         if "mask_area" in metrics:
             also = [{"metric": "mask_area", "value": metrics["mask_area"], "source": "results.json"}]

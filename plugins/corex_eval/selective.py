@@ -145,7 +145,8 @@ def plot_risk_coverage(confidence: Tensor, correct: Tensor, where: str, unit: st
         axes.annotate(f"{share:.0%} answered: accuracy {accuracy:.2f}", (share, 1 - accuracy), textcoords="offset points",
                       xytext=(-8, 8), ha="right", fontsize=8)
     units = "studies" if unit == "study" else f"{unit}s"
-    axes.set(xlim=(0, 1.01), ylim=(0, max(0.05, float(risk.max()) * 1.1)),
+    # Room above the target's line, so that it is not hidden in the frame's top edge.
+    axes.set(xlim=(0, 1.01), ylim=(0, max(0.05, 1.2 * (1 - target), float(risk.max()) * 1.1)),
              xlabel=f"coverage (share of {units} answered, most confident first)",
              ylabel="selective risk (error rate among those answered)",
              title=f"Risk-coverage: {where}\nranked by the top-class probability ({calibration})")

@@ -127,7 +127,7 @@ def verdict_finding(per_class: list[dict[str, str]], settings: Mapping[str, Any]
         if not open_:
             sentence = (f"{'The' if len(below) == 1 else 'Each'} shortfall is established ({lie} below {bar:.2f})")
         elif not established:
-            sentence = (f"{'The shortfall is' if len(below) == 1 else 'None of these shortfalls is'} established "
+            sentence = (f"{'The shortfall is not' if len(below) == 1 else 'None of these shortfalls is'} established "
                         f"({straddle} {bar:.2f})")
         else:
             sure = f"{established[0]}'s shortfall is" if len(established) == 1 else f"the shortfalls of {names(established)} are"

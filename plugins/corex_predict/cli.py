@@ -161,12 +161,16 @@ def evaluation_table(results: dict) -> str:
     tta = results.get("tta") or []
     lines = [f"{results['model']} (stage {results['stage']}), {results['split']} split" + (f", TTA: {', '.join(tta)}" if tta else "")]
     lines.append(f"  {'metric':18s} {'value':>7s}  {'95% interval':16s}" + (f" {'with TTA':>8s}" if tta else ""))
-    for key in [*catalog().headline(), "loss"]:
-        value = metrics.get(key)
-        if not isinstance(value, (int, float)):
-            continue
+    shown_keys = [key for key in [*catalog().headline(), "loss"] if isinstance(metrics.get(key), (int, float))]
+    for key in shown_keys:
+        value = metrics[key]
         interval = intervals.get(key)
         shown = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval and None not in interval else ""
         augmented = metrics.get(f"tta/{key}")
         lines.append(f"  {key:18s} {value:7.3f}  {shown:16s}" + (f" {augmented:8.3f}" if isinstance(augmented, (int, float)) else ""))
+    # The rest (per class, per subgroup, ...) is in results.json: say how much, so a short table is not read as all.
+    hidden = sorted({key.split("/", 1)[0] + ("/..." if "/" in key else "") for key in metrics
+                     if key not in shown_keys and not key.startswith(("tta/", "loss/"))})
+    if hidden:
+        lines.append(f"  more in results.json: {', '.join(hidden)}")
     return "\n".join(lines)

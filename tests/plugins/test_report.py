@@ -125,8 +125,9 @@ def test_a_run_with_an_evaluate_stage_writes_a_self_contained_report(tiny_recipe
         assert name in html
     findings = check_findings(run)
     metrics = {f["metric"] for f in findings}
-    assert {"macro_f1", "pointing_game", "dice/positive", "selective/accuracy_at_80", "subgroups/examined",
+    assert {"macro_f1", "dice/positive", "selective/accuracy_at_80", "subgroups/examined",
             "pointing_game/vs_prior", "deletion_auc"} <= metrics
+    assert "pointing_game" not in metrics  # stated once, in the finding against the fixed-point baseline
     assert any(m.startswith("recall/") for m in metrics)
     markdown = (run / "report.md").read_text()
     assert "](curves.png)" in markdown and "## Findings" in markdown
@@ -168,6 +169,17 @@ def test_findings_state_the_issue_examples_from_the_numbers(tmp_path):
     check_findings(run)
     html = (run / "report.html").read_text()
     assert check_self_contained(html) == 0 and "Training" not in html  # no curves.png: section left out
+
+
+def test_the_pointing_game_is_stated_once_against_its_fixed_point_baseline_when_that_is_known(tmp_path):
+    metrics = {"macro_f1": 0.6, "pointing_game": 0.56, "pointing_game/prior": 0.65, "pointing_game/vs_prior": -0.09,
+               "mask_area": 0.08}
+    run = fabricated_run(tmp_path / "run", dict.fromkeys(CLASSES, 0.5), metrics)
+    texts = [f["text"] for f in write_report(run)["findings"]]
+    about = [t for t in texts if "ointing game" in t]
+    assert len(about) == 1 and about[0].startswith("Pointing game 0.56 on the test split against 0.65 for the one point "
+                                                   "inside the most training boxes, a uniform map 0.08")
+    check_findings(run)
 
 
 def test_every_class_above_the_rule_is_not_called_a_clinical_validation(tmp_path):
@@ -253,6 +265,15 @@ def test_the_verdict_names_every_class_below_the_bar_and_whether_its_shortfall_i
     text = write_report(per_class_run(tmp_path / "small", rows))["findings"][0]["text"]
     assert "Atypical's shortfall is established (its interval lies below 0.80); indeterminate's is not (its interval " \
            "straddles 0.80)" in text
+
+    # Shortfalls whose intervals all straddle the bar: none is established, in words that say so.
+    rows = [("negative", 9, 10, 0.8), ("typical", 17, 20, 0.8), ("indeterminate", 9, 10, 0.8), ("atypical", 12, 16, 0.8)]
+    text = write_report(per_class_run(tmp_path / "one", rows))["findings"][0]["text"]
+    assert "below it: atypical 0.75 (95% interval 0.48 to 0.93). The shortfall is not established (its interval " \
+           "straddles 0.80): not ready to deploy." in text
+    rows = [("negative", 9, 10, 0.8), ("typical", 17, 20, 0.8), ("indeterminate", 7, 10, 0.6), ("atypical", 12, 16, 0.8)]
+    text = write_report(per_class_run(tmp_path / "two", rows))["findings"][0]["text"]
+    assert "None of these shortfalls is established (their intervals straddle 0.80)" in text
 
 
 def test_a_degenerate_run_names_every_class_at_zero_and_calls_ties_ties(tmp_path):
