@@ -34,7 +34,9 @@ def resample_counts(clusters: Tensor, resamples: int, generator: torch.Generator
     cluster always count equally. When every unit is its own cluster this is the ordinary
     bootstrap, with exactly the draws of ``torch.randint(N, (resamples, N), generator=...)``.
     """
-    groups = int(clusters.max()) + 1 if len(clusters) else 0
+    if not len(clusters):
+        return torch.zeros((resamples, 0), dtype=torch.float64)
+    groups = int(clusters.max()) + 1
     draws = torch.randint(groups, (resamples, groups), generator=generator)
     ones = torch.ones(draws.shape, dtype=torch.float64)
     per_cluster = torch.zeros_like(ones).scatter_add_(1, draws, ones)
@@ -48,8 +50,8 @@ def resample_blocks(clusters: Tensor, resamples: int, seed: int) -> Iterator[Ten
     any machine.
     """
     generator = torch.Generator().manual_seed(seed)
-    groups = int(clusters.max()) + 1 if len(clusters) else 1
-    rows = max(1, BLOCK_ELEMENTS // max(groups, len(clusters)))
+    # The largest tensors of a block are (rows, N); there are never more clusters than units.
+    rows = max(1, BLOCK_ELEMENTS // max(1, len(clusters)))
     for start in range(0, resamples, rows):
         yield resample_counts(clusters, min(rows, resamples - start), generator)
 

@@ -46,7 +46,22 @@ def test_blocks_do_not_depend_on_the_block_size(monkeypatch):
     assert [len(b) for b in blocks] == [3] * 16 + [2]
     assert torch.equal(torch.cat(blocks), whole) and whole.shape == (50, 7)
     monkeypatch.setattr(bootstrap, "BLOCK_ELEMENTS", 1)  # fewer elements than a row: one resample a block
-    assert torch.equal(torch.cat(list(bootstrap.resample_blocks(clusters, 50, seed=9))), whole)
+    blocks = list(bootstrap.resample_blocks(clusters, 50, seed=9))
+    assert [len(b) for b in blocks] == [1] * 50 and torch.equal(torch.cat(blocks), whole)
+
+
+def test_a_block_of_resamples_holds_at_most_16_mib_of_counts():
+    assert bootstrap.BLOCK_ELEMENTS * 8 == 16 * 2**20  # float64 counts
+    clusters = torch.arange(1000) // 2  # 500 patients with two studies each
+    first = next(bootstrap.resample_blocks(clusters, 10**6, seed=0))
+    assert first.shape == (2**21 // 1000, 1000) and first.numel() * first.element_size() <= 16 * 2**20
+    assert next(bootstrap.resample_blocks(torch.zeros(1, dtype=torch.long), 10**7, seed=0)).shape == (2**21, 1)
+
+
+def test_no_units_give_empty_resamples():
+    counts = bootstrap.resample_counts(torch.zeros(0, dtype=torch.long), 4, torch.Generator().manual_seed(0))
+    assert counts.shape == (4, 0) and counts.dtype == torch.float64
+    assert [b.shape for b in bootstrap.resample_blocks(torch.zeros(0, dtype=torch.long), 3, seed=0)] == [(3, 0)]
 
 
 def test_percentile_intervals_ignore_nan_and_leave_out_metrics_never_defined():
@@ -66,6 +81,7 @@ def test_voc_average_precision_uses_the_precision_envelope():
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     positive = torch.tensor([True, False, True, False])
     recall, precision, envelope = precision_recall_steps(scores, positive)
+    assert recall.shape == precision.shape == envelope.shape == (1, 4)  # no weights: one weighting, every unit once
     assert recall[0].tolist() == pytest.approx([0.5, 0.5, 1.0, 1.0])
     assert precision[0].tolist() == pytest.approx([1.0, 0.5, 2 / 3, 0.5])
     assert envelope[0].tolist() == pytest.approx([1.0, 2 / 3, 2 / 3, 0.5])
@@ -107,7 +123,7 @@ def test_study_map_averages_the_classes_that_have_a_positive():
 
 
 def test_unit_probabilities_average_the_images_of_each_unit():
-    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    logits = torch.tensor([[2.0, 0.0], [1.0, 2.0], [3.0, 1.0]])  # no unit's mean is the same at every temperature
     unit = torch.tensor([0, 0, 1])
     out = calibration.unit_probabilities(logits, unit, 2, temperature=2.0)
     tempered = torch.softmax(logits / 2.0, 1)
@@ -138,6 +154,24 @@ def test_ece_and_brier_match_their_definitions_and_torchmetrics():
         calibration.weighted_ece(*doubled, torch.ones(1, 250), 15).item())
 
 
+@pytest.mark.parametrize("bins", [2, 3, 15])
+def test_ece_matches_torchmetrics_when_the_gaps_of_the_bins_differ_in_sign(bins):
+    # Labels drawn from the probabilities: calibrated on average, so some bins are over- and others
+    # under-confident, and the binning decides the ECE (with every gap of one sign it would not).
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    generator = torch.Generator().manual_seed(5)
+    probabilities = torch.softmax(torch.randn(400, 4, generator=generator) * 1.5, 1)
+    labels = torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+    gaps = probabilities.max(1).values - (probabilities.argmax(1) == labels).double()
+    assert (gaps > 0).any() and (gaps < 0).any()
+    ece = calibration.weighted_ece(probabilities, labels, torch.ones(1, 400), bins).item()
+    reference = multiclass_calibration_error(probabilities, labels, num_classes=4, n_bins=bins, norm="l1").item()
+    assert ece == pytest.approx(reference, abs=1e-6)
+    overall = abs(gaps.sum().item()) / 400  # one bin for all: what a binning-blind ECE would give
+    assert abs(ece - overall) > 1e-3
+
+
 def test_a_confidence_of_exactly_one_has_a_bin_of_its_own():
     probabilities = torch.tensor([[1.0, 0.0], [0.95, 0.05]])
     labels = torch.tensor([1, 0])
@@ -159,6 +193,26 @@ def test_temperature_softens_an_overconfident_model_and_sharpens_a_timid_one():
     assert 0.5 < fitted < 2.0
     nll = lambda t: torch.nn.functional.cross_entropy(logits / t, labels).item()  # noqa: E731
     assert nll(fitted) <= min(nll(fitted * 1.05), nll(fitted / 1.05))
+
+
+def test_the_sane_temperature_range_includes_its_ends_and_the_warning_points_at_the_caller(monkeypatch):
+    torch.manual_seed(2)
+    labels = torch.randint(2, (200,))
+    logits = torch.randn(200, 2) * 50
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted = calibration.fit_temperature(logits, torch.arange(200), labels)
+    assert len(caught) == 1 and caught[0].filename == __file__  # stacklevel: the caller's line, not calibration.py
+    for ends in ((fitted, 10 * fitted), (fitted / 10, fitted)):  # the fitted value at either end is inside
+        monkeypatch.setattr(calibration, "EXTREME", ends)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert calibration.fit_temperature(logits, torch.arange(200), labels) == fitted
+    perfect = torch.tensor([[3.0, 0.0], [0.0, 3.0]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        calibration.fit_temperature(perfect, torch.arange(2), torch.tensor([0, 1]))
+    assert len(caught) == 1 and caught[0].filename == __file__
 
 
 def test_temperature_scaling_warns_when_no_temperature_is_best_or_the_fit_is_extreme():
