@@ -223,6 +223,11 @@ def test_the_metrics_log_appends_reads_past_torn_lines_and_truncates_for_a_resum
     assert log.path.read_text() == "".join(json.dumps(r) + "\n" for r in rows[:4])  # the torn line is gone too
     log.truncate([], "train", 0)
     assert log.rows() == []
+    # A row of the stage without an epoch (written before its first epoch) counts as epoch 0: kept.
+    log.append({"stage": "train", "note": "before the first epoch"})
+    log.append({"stage": "train", "epoch": 1})
+    log.truncate([], "train", 0)
+    assert log.rows() == [{"stage": "train", "note": "before the first epoch"}]
 
 
 def test_the_metrics_log_says_when_the_disk_is_full(tmp_path, monkeypatch):
@@ -295,11 +300,17 @@ def test_provenance_records_the_command_line(monkeypatch, argv, command):
     assert rundir.provenance("cpu", None)["command"] == command
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
-def test_provenance_names_a_gpu_only_where_there_is_one():
+def test_provenance_names_a_gpu_only_where_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device in ("cpu", "cuda", "cuda:1"):
         info = rundir.provenance(device, None)
         assert info["device"] == device and "device_name" not in info and "cuda" not in info
+    # A machine with a GPU: named for a CUDA run, not for a CPU run on the same machine.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Test GPU {device.index}")
+    assert "device_name" not in rundir.provenance("cpu", None)
+    info = rundir.provenance("cuda:1", None)
+    assert info["device_name"] == "Test GPU 1" and info["cuda"] == torch.version.cuda
 
 
 # -- fault points ---------------------------------------------------------------------------------
