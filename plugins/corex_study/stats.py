@@ -70,6 +70,10 @@ def t_quantile(p: float, df: float) -> float:
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must lie in (0, 1), got {p}")
     low, high = -1e3, 1e3
+    while t_cdf(low, df) > p:  # heavy tails (df = 1, tiny p): widen the bracket until it holds the quantile
+        low *= 2.0
+    while t_cdf(high, df) < p:
+        high *= 2.0
     for _ in range(200):
         middle = 0.5 * (low + high)
         if t_cdf(middle, df) < p:
@@ -284,11 +288,11 @@ def seeds_for_power(effect: float, sd: float, alpha: float, power: float = 0.8, 
         return None
     if t_power(effect, sd, 2, alpha) >= power:
         return 2
-    low, high = 2, 4
-    while t_power(effect, sd, high, alpha) < power:  # power grows with n: double, then bisect
-        low, high = high, high * 2
-        if high > limit:
+    low, high = 2, min(4, limit)
+    while t_power(effect, sd, high, alpha) < power:  # power grows with n: double (up to limit), then bisect
+        if high >= limit:
             return None
+        low, high = high, min(high * 2, limit)
     while high - low > 1:
         middle = (low + high) // 2
         if t_power(effect, sd, middle, alpha) >= power:
