@@ -123,3 +123,16 @@ def test_predicting_the_test_images_reproduces_the_runs_study_probabilities(phan
         for name in names:
             # predictions.csv holds six significant digits
             assert studies[study][f"prob_{name}"] == pytest.approx(float(row[f"p_{name}"]), abs=2e-6), (study, name)
+
+
+def test_the_summary_table_says_what_else_results_json_holds():
+    from corex_predict.cli import evaluation_table
+
+    metrics = {"macro_f1": 0.7, "loss": 0.5, "loss/classification": 0.4, "f1/negative": 0.8, "auroc/typical": 0.9,
+               "subgroups/examined": 3.0, "temperature": 1.1, "tta/macro_f1": 0.6}
+    results = {"model": "m", "stage": "train", "split": "test", "stages": {"evaluate": {"metrics": metrics, "intervals": {}}}}
+    lines = evaluation_table(results).splitlines()
+    assert any(line.split()[0] == "macro_f1" for line in lines[2:-1])
+    assert lines[-1] == "  more in results.json: auroc/..., f1/..., subgroups/..., temperature"
+    only_shown = {"model": "m", "stage": "train", "split": "test", "stages": {"evaluate": {"metrics": {"macro_f1": 0.7}}}}
+    assert "more in results.json" not in evaluation_table(only_shown)
