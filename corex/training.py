@@ -197,8 +197,9 @@ def _restore(session: Session, loop: _Loop, path: Path) -> tuple[dict[str, Any],
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         raise CorexError(f"{where}: '{path}' does not fit this stage's EMA ({str(exc).splitlines()[0][:200]})") from None
     epoch = int(state["epoch"])
-    if int(state.get("world_size", 1)) != session.world:
-        log(f"warning: [{stage.name}] '{path}' was written by {state.get('world_size', 1)} process(es) and is resumed by {session.world}: "
+    written_by = int(state.get("world_size", 1))
+    if written_by != session.world:
+        log(f"warning: [{stage.name}] '{path}' was written by {written_by} process(es) and is resumed by {session.world}: "
             "the global batches hold the same samples in the same order, but the random draws (augmentation, dropout) are "
             "not those of the interrupted run")
     if session.main:

@@ -88,26 +88,44 @@ def _rectangle_field(
     device: torch.device,
     centre_weights: Tensor | None = None,
 ) -> Tensor:
-    """min over regions of the Chebyshev distance to a centre, scaled by the region's half-sizes.
+    """The distance field of 1 to ``max_regions`` random rectangles per sample."""
+    centres, half_sizes = _random_rectangles(batch, max_regions, device, centre_weights)
+    used = _region_counts(batch, max_regions, device)
+    return _field_of_rectangles(centres, half_sizes, used, height, width)
 
-    Thresholding it at ``t`` gives the union of rectangles of half-sizes ``t * size``. Sizes vary
-    by 2x between regions and aspect ratios between 1:2 and 2:1 (relative to the image).
+
+def _random_rectangles(
+    batch: int, count: int, device: torch.device, centre_weights: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``(B, count, 2)`` (y, x) centres in [0, 1) and ``(B, count, 2)`` relative half-sizes.
+
+    Centres are uniform, or drawn by ``centre_weights``. Sizes vary by 2x between regions
+    (the geometric mean of the half-sizes is 0.5-1) and aspect ratios between 1:2 and 2:1
+    (relative to the image); only the ratios matter, since the threshold sets the area.
     """
     if centre_weights is None:
-        centres = torch.rand(batch, max_regions, 2, device=device)  # (y, x) in [0, 1)
+        centres = torch.rand(batch, count, 2, device=device)
     else:
-        centres = _sample_centres(centre_weights, max_regions)
-    scale = torch.empty(batch, max_regions, device=device).uniform_(0.5, 1.0)
-    aspect = torch.empty(batch, max_regions, device=device).uniform_(-math.log(2), math.log(2)).exp()
-    half_h, half_w = scale * aspect.sqrt(), scale / aspect.sqrt()
-    used = _region_counts(batch, max_regions, device)
+        centres = _sample_centres(centre_weights, count)
+    scale = torch.empty(batch, count, device=device).uniform_(0.5, 1.0)
+    aspect = torch.empty(batch, count, device=device).uniform_(-math.log(2), math.log(2)).exp()
+    return centres, torch.stack([scale * aspect.sqrt(), scale / aspect.sqrt()], dim=-1)
 
+
+def _field_of_rectangles(centres: Tensor, half_sizes: Tensor, used: Tensor, height: int, width: int) -> Tensor:
+    """min over the used regions of the Chebyshev distance to a centre, scaled by the half-sizes.
+
+    Thresholding it at ``t`` gives the union of the rectangles of half-sizes ``t * half_sizes``
+    around the centres, in units where the image is [0, 1] x [0, 1] and a pixel is its centre.
+    """
+    batch, count, _ = centres.shape
+    device = centres.device
     y = (torch.arange(height, device=device) + 0.5) / height
     x = (torch.arange(width, device=device) + 0.5) / width
     field = torch.full((batch, height, width), math.inf, device=device)
-    for r in range(max_regions):  # a handful of regions, each vectorised over batch and pixels
-        dy = (y[None, :] - centres[:, r, 0:1]).abs() / half_h[:, r : r + 1]
-        dx = (x[None, :] - centres[:, r, 1:2]).abs() / half_w[:, r : r + 1]
+    for r in range(count):  # a handful of regions, each vectorised over batch and pixels
+        dy = (y[None, :] - centres[:, r, 0:1]).abs() / half_sizes[:, r, 0:1]
+        dx = (x[None, :] - centres[:, r, 1:2]).abs() / half_sizes[:, r, 1:2]
         distance = torch.maximum(dy[:, :, None], dx[:, None, :])
         distance = distance.masked_fill(~used[:, r, None, None], math.inf)
         field = torch.minimum(field, distance)
@@ -117,13 +135,34 @@ def _rectangle_field(
 def _stroke_field(batch: int, height: int, width: int, max_regions: int, device: torch.device) -> Tensor:
     """Distance to the nearest brush stroke, each divided by the stroke's relative thickness.
 
-    Each stroke is a random walk of ``STROKE_SEGMENTS`` segments (step 10-30% of the longer side,
-    each turning by up to 90 degrees, bounced back into the image). The field is computed on a
-    coarse grid and upsampled bilinearly, which keeps the cost independent of the image size.
+    The field is computed on a coarse grid and upsampled bilinearly, which keeps the cost
+    independent of the image size.
     """
     side = max(height, width)
     extent = torch.tensor([height / side, width / side], device=device)  # isotropic (y, x) units
-    strokes = batch * max_regions
+    path = _stroke_paths(batch * max_regions, extent).view(batch, max_regions, STROKE_SEGMENTS + 1, 2)
+
+    grid_h, grid_w = min(height, STROKE_GRID), min(width, STROKE_GRID)
+    gy = (torch.arange(grid_h, device=device) + 0.5) / grid_h * extent[0]
+    gx = (torch.arange(grid_w, device=device) + 0.5) / grid_w * extent[1]
+    points = torch.stack(torch.meshgrid(gy, gx, indexing="ij"), dim=-1).view(-1, 2)
+    distance = _distance_to_paths(points, path)  # (B, R, points)
+
+    thickness = torch.empty(batch, max_regions, 1, device=device).uniform_(0.5, 1.0)
+    used = _region_counts(batch, max_regions, device)
+    distance = (distance / thickness).masked_fill(~used[..., None], math.inf)
+    field = distance.amin(dim=1).view(batch, 1, grid_h, grid_w)
+    field = F.interpolate(field, size=(height, width), mode="bilinear", align_corners=False)
+    return field.squeeze(1)
+
+
+def _stroke_paths(strokes: int, extent: Tensor) -> Tensor:
+    """``(strokes, STROKE_SEGMENTS + 1, 2)`` vertices of random walks inside ``[0, extent]``.
+
+    Each walk starts at a uniform point; each segment turns by up to 90 degrees from the last
+    and steps 10-30% of the longer side, bounced back into the image where it walks out.
+    """
+    device = extent.device
     steps = torch.empty(strokes, STROKE_SEGMENTS, device=device).uniform_(0.1, 0.3)
     turns = torch.empty(strokes, STROKE_SEGMENTS, device=device).uniform_(-math.pi / 2, math.pi / 2)
     angle = torch.rand(strokes, device=device) * 2 * math.pi
@@ -133,25 +172,19 @@ def _stroke_field(batch: int, height: int, width: int, max_regions: int, device:
         direction = torch.stack([angle.sin(), angle.cos()], dim=1)
         step = vertices[-1] + steps[:, s : s + 1] * direction
         vertices.append(_bounce(step, extent))
-    path = torch.stack(vertices, dim=1).view(batch, max_regions, STROKE_SEGMENTS + 1, 2)
-    start, end = path[:, :, :-1], path[:, :, 1:]  # (B, R, S, 2)
+    return torch.stack(vertices, dim=1)
 
-    grid_h, grid_w = min(height, STROKE_GRID), min(width, STROKE_GRID)
-    gy = (torch.arange(grid_h, device=device) + 0.5) / grid_h * extent[0]
-    gx = (torch.arange(grid_w, device=device) + 0.5) / grid_w * extent[1]
-    points = torch.stack(torch.meshgrid(gy, gx, indexing="ij"), dim=-1).view(1, 1, 1, -1, 2)
-    # Distance from every grid point to every segment: project onto the segment, clamp to its ends.
-    seg = (end - start).unsqueeze(3)
-    rel = points - start.unsqueeze(3)
+
+def _distance_to_paths(points: Tensor, paths: Tensor) -> Tensor:
+    """Euclidean distance from each of ``points`` (P, 2) to each path of ``paths`` (..., V, 2).
+
+    Returns ``(..., P)``: per segment, the point is projected onto it and clamped to its ends.
+    """
+    start, end = paths[..., :-1, :], paths[..., 1:, :]  # (..., S, 2)
+    seg = (end - start).unsqueeze(-2)  # (..., S, 1, 2)
+    rel = points - start.unsqueeze(-2)  # (..., S, P, 2)
     t = ((rel * seg).sum(-1) / (seg * seg).sum(-1).clamp_min(1e-12)).clamp(0, 1)
-    distance = (rel - t.unsqueeze(-1) * seg).norm(dim=-1).amin(dim=2)  # (B, R, points)
-
-    thickness = torch.empty(batch, max_regions, 1, device=device).uniform_(0.5, 1.0)
-    used = _region_counts(batch, max_regions, device)
-    distance = (distance / thickness).masked_fill(~used[..., None], math.inf)
-    field = distance.amin(dim=1).view(batch, 1, grid_h, grid_w)
-    field = F.interpolate(field, size=(height, width), mode="bilinear", align_corners=False)
-    return field.squeeze(1)
+    return (rel - t.unsqueeze(-1) * seg).norm(dim=-1).amin(dim=-2)
 
 
 def _bounce(points: Tensor, extent: Tensor) -> Tensor:

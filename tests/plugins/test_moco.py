@@ -5,7 +5,8 @@ step's equivalence with the formulation it replaced (foreach momentum update, ma
 from __future__ import annotations
 
 import datetime
-from itertools import chain
+from copy import deepcopy
+from itertools import chain, combinations
 from pathlib import Path
 
 import pytest
@@ -356,9 +357,34 @@ def _distributed_step(rank: int, world_size: int, init_file: str, out_dir: str) 
         torch.manual_seed(0)  # identical weights and queue on both ranks, as DDP would make them
         moco = make_moco(batch_size=4 * world_size, queue_size=16)
         keys = record_keys(moco)
+        sizes: dict[str, list[int]] = {"query": [], "key": []}
+        moco.encoder.register_forward_pre_hook(lambda _, args: sizes["query"].append(len(args[0])))
+        moco.key_encoder.register_forward_pre_hook(lambda _, args: sizes["key"].append(len(args[0])))
+        queue_before = moco.queue.clone()
         x = images(4, 100 + rank)  # each rank its own images
         model = nn.parallel.DistributedDataParallel(moco)
-        model({"image": x}, identity)["loss"].backward()
+        out = model({"image": x}, identity)
+        out["loss"].backward()
+        calls = {name: list(values) for name, values in sizes.items()}
+
+        # Which split of the global batch into two halves of 4 gives this rank's keys, each key
+        # normalised with the half its image went to? (Train mode: batch statistics.)
+        copy = deepcopy(moco)
+        every_image = torch.cat([images(4, 100 + r) for r in range(world_size)])
+        mine = range(4 * rank, 4 * rank + 4)
+        halves = []
+        for half in combinations(range(8), 4):
+            other = [i for i in range(8) if i not in half]
+            found = torch.empty(8, keys[0].shape[1])
+            found[list(half)] = plain_keys(copy, every_image[list(half)])
+            found[other] = plain_keys(copy, every_image[other])
+            if torch.allclose(found[list(mine)], keys[0], atol=1e-5):
+                halves.append(half)
+        # Queries: this rank's batch, encoded as one batch, against the queue before the step.
+        with torch.no_grad():
+            queries = F.normalize(copy.projector(copy.encoder(x)[-1]), dim=1)
+        logits = torch.cat([(queries * keys[0]).sum(1, keepdim=True), queries @ queue_before], dim=1) / copy.temperature
+        loss_error = (out["loss"] - F.cross_entropy(logits, torch.zeros(4, dtype=torch.long))).abs().item()
         plain_train = plain_keys(moco, x)  # this rank's batch statistics, no shuffle
 
         # Running statistics: the cross-rank shuffle must be invisible, once every rank holds
@@ -369,7 +395,8 @@ def _distributed_step(rank: int, world_size: int, init_file: str, out_dir: str) 
         shuffled_eval, plain_eval = moco.encode_keys(x), plain_keys(moco, x)
         torch.save(
             {"queue": moco.queue, "ptr": moco.queue_ptr, "keys": keys[0],
-             "plain_train": plain_train, "shuffled_eval": shuffled_eval, "plain_eval": plain_eval},
+             "plain_train": plain_train, "shuffled_eval": shuffled_eval, "plain_eval": plain_eval,
+             "calls": calls, "halves": halves, "loss_error": loss_error},
             Path(out_dir) / f"rank{rank}.pt",
         )
     finally:
@@ -387,6 +414,12 @@ def test_shuffle_bn_across_two_gloo_processes(tmp_path):
     for r in ranks:
         assert (r["keys"] - r["plain_train"]).abs().max() > 1e-3  # other ranks' images shared BN
         torch.testing.assert_close(r["shuffled_eval"], r["plain_eval"])
+        # Each rank encodes its own queries in one batch and its slice of the shuffled global
+        # batch of keys in one batch (no local sub-batches on top)...
+        assert r["calls"] == {"query": [4], "key": [4]}
+        assert r["loss_error"] < 1e-5
+    # ...and both ranks' keys come from one split of the 8 images into two halves.
+    assert set(ranks[0]["halves"]) & set(ranks[1]["halves"])
 
 
 def test_a_queue_that_outgrows_the_training_set_is_warned_about():

@@ -208,3 +208,76 @@ def test_variance_components_at_their_edges():
     assert single["training"] == pytest.approx(0.5) and single["data"] is None and single["total"] == pytest.approx(0.5)
     alone = stats.variance_components([1.0], ["a"])
     assert alone["total"] is None and alone["training"] is None and alone["test"] is None
+
+
+# -- edges the second mutation run found open -----------------------------------------------------------
+
+
+def test_too_few_values_give_nan_quietly_and_an_infinite_difference_makes_the_test_nan():
+    """nan for fewer than two values without numpy's degrees-of-freedom warning; an infinite
+    difference is not a number either (a mean of inf is no result)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(stats.mean_sd([0.3])[1])
+        one = stats.paired_t([0.3])
+        assert one["mean"] == 0.3 and math.isnan(one["sd"])
+        single = stats.paired_bootstrap([block(8, 20, 0.8, 0.5)], accuracy, resamples=1, seed=0)
+        assert math.isnan(single["test_variance"])
+    infinite = stats.paired_t([0.1, math.inf, 0.2])
+    assert all(math.isnan(infinite[key]) for key in ("mean", "sd", "low", "high", "p"))
+
+
+def test_a_worse_arm_has_a_small_p_value_and_an_interval_below_zero():
+    """p = 2 min(P(d <= 0), P(d >= 0)): small whichever side the difference lies on."""
+    pairs = [block(9, 200, 0.3, 0.9)]
+    worse = stats.paired_bootstrap(pairs, accuracy, resamples=400, seed=1)
+    assert worse["high"] < 0 and worse["p"] < 0.01
+    better = stats.paired_bootstrap([(b, a, y, g) for a, b, y, g in pairs], accuracy, resamples=400, seed=1)
+    assert better["low"] > 0 and better["p"] == worse["p"]
+
+
+def test_two_resamples_are_enough_for_a_variance_and_one_for_an_interval():
+    pairs = [block(10, 30, 0.8, 0.5)]
+    two = stats.paired_bootstrap(pairs, accuracy, resamples=2, seed=0)
+    w = stats.cluster_weights(pairs[0][3], 2, np.random.default_rng(0))
+    d = accuracy(pairs[0][0], pairs[0][2], w) - accuracy(pairs[0][1], pairs[0][2], w)
+    assert two["test_variance"] == pytest.approx(np.var(d, ddof=1))
+    runs = [([pairs[0][0]], pairs[0][2], pairs[0][3])]
+    assert stats.bootstrap_variance(runs, accuracy, resamples=2, seed=0) == pytest.approx(
+        np.var(accuracy(pairs[0][0], pairs[0][2], w), ddof=1))
+    one = stats.paired_bootstrap(pairs, accuracy, resamples=1, seed=0)
+    d1 = accuracy(pairs[0][0], pairs[0][2], stats.cluster_weights(pairs[0][3], 1, np.random.default_rng(0)))[0] - accuracy(
+        pairs[0][1], pairs[0][2], stats.cluster_weights(pairs[0][3], 1, np.random.default_rng(0)))[0]
+    assert one["low"] == one["high"] == pytest.approx(d1) and one["dropped"] == 0.0
+
+
+def test_a_block_with_a_single_defined_resample_is_left_out_of_the_variance():
+    def defined_once(probabilities, labels, weights):
+        values = accuracy(probabilities, labels, weights)
+        values[1:] = np.nan  # only the first resample is a number
+        return values
+
+    good = ([block(11, 30, 0.7, 0.0)[0]], block(11, 30, 0.7, 0.0)[2], block(11, 30, 0.7, 0.0)[3])
+    alone = stats.bootstrap_variance([good], accuracy, resamples=50, seed=0)
+
+    def mixed(probabilities, labels, weights):
+        return defined_once(probabilities, labels, weights) if len(labels) == 12 else accuracy(probabilities, labels, weights)
+
+    poor = ([block(12, 12, 0.7, 0.0)[0]], block(12, 12, 0.7, 0.0)[2], block(12, 12, 0.7, 0.0)[3])
+    rng = np.random.default_rng(0)
+    stats.cluster_weights(poor[2], 50, rng)  # the poor block's draws come first
+    w = stats.cluster_weights(good[2], 50, rng)
+    expected = np.var(accuracy(good[0][0], good[1], w), ddof=1)
+    assert stats.bootstrap_variance([poor, good], mixed, resamples=50, seed=0) == pytest.approx(expected)
+    assert math.isfinite(alone)
+
+
+def test_no_interval_when_the_full_data_difference_is_not_a_number():
+    def undefined_on_the_full_data(probabilities, labels, weights):
+        values = accuracy(probabilities, labels, weights)
+        return np.where((weights == 1).all(1), np.nan, values)  # the all-ones weighting is the full data
+
+    result = stats.paired_bootstrap([block(13, 30, 0.8, 0.5)], undefined_on_the_full_data, resamples=100, seed=0)
+    assert math.isnan(result["mean"]) and math.isnan(result["low"]) and math.isnan(result["p"])
